@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine:
+#   make repro   create .venv if missing, install the project, run `dvc repro`
+#   make test    the same set-up plus the test extras, then pytest
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# Make the venv's python the `python` that dvc.yaml's commands run.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: repro test bench clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --progress-bar off -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test]'
+	touch $@
+
+repro: $(VENV)/.installed
+	$(BIN)/dvc repro
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/epoch_speed.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,108 @@
+"""MNIST on disk: the raw gzipped IDX files and the processed tensor splits.
+
+Raw (``data/raw/``, written by the download stage): the four official files,
+named in ``RAW_FILES`` by the keys that ``params.yaml``'s ``download.md5`` uses.
+
+Processed (``data/processed/``, written by preprocess): ``train.pt``,
+``val.pt`` and ``test.pt``, each a dict of two tensors, ``images`` (uint8,
+N x 28 x 28, 4x smaller on disk than float32) and ``labels`` (int64, N).
+``load_split`` turns images into float32 in [0, 1] once, in memory, so the
+training loops never do per-sample work.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mnist_dvc.stage import StageError, atomic_path
+
+RAW_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+SPLITS = ("train", "val", "test")
+IMAGE_SIDE = 28
+N_CLASSES = 10
+# IDX magic numbers: two zero bytes, 0x08 for unsigned bytes, then the number of dimensions.
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+
+
+def read_idx(path: Path, kind: str) -> np.ndarray:
+    """Read a gzipped IDX file of ``kind`` 'images' or 'labels' and validate its header.
+
+    Raises StageError naming the file for a bad gzip stream, a wrong magic
+    number, a wrong image size or a length that does not match the header.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise StageError(f"{path}: file not found (run the download stage first)") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise StageError(f"{path}: not a complete gzip file ({exc})") from None
+    magic, ndim = (IMAGES_MAGIC, 3) if kind == "images" else (LABELS_MAGIC, 1)
+    header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise StageError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+    found_magic, *dims = struct.unpack(f">{1 + ndim}I", raw[:header_size])
+    if found_magic != magic:
+        raise StageError(
+            f"{path}: wrong magic number 0x{found_magic:08x}, expected 0x{magic:08x} "
+            f"(an IDX {kind} file)"
+        )
+    if kind == "images" and dims[1:] != [IMAGE_SIDE, IMAGE_SIDE]:
+        raise StageError(f"{path}: images are {dims[1]}x{dims[2]}, expected {IMAGE_SIDE}x{IMAGE_SIDE}")
+    expected = int(np.prod(dims)) + header_size
+    if len(raw) != expected:
+        raise StageError(
+            f"{path}: {len(raw)} bytes after decompression, the header promises {expected} "
+            f"({' x '.join(map(str, dims))}): the file is truncated or padded"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(dims).copy()
+
+
+def read_raw_pair(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read and cross-check the images and labels of ``split`` ('train' or 'test')."""
+    images_path = raw_dir / RAW_FILES[f"{split}_images"]
+    labels_path = raw_dir / RAW_FILES[f"{split}_labels"]
+    images = read_idx(images_path, "images")
+    labels = read_idx(labels_path, "labels")
+    if len(images) != len(labels):
+        raise StageError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
+        )
+    if labels.size and labels.max() >= N_CLASSES:
+        bad = int(np.argmax(labels >= N_CLASSES))
+        raise StageError(f"{labels_path}: label {labels[bad]} at index {bad} is outside 0..9")
+    return images, labels
+
+
+def save_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Save one split as uint8 images and int64 labels, atomically."""
+    tensors = {
+        "images": torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+        "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+    }
+    # Saved through a file object: given a path, torch.save names the archive
+    # inside after the (random) temporary file, and the bytes would differ.
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        torch.save(tensors, f)
+
+
+def load_split(processed_dir: Path | str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(images, labels)`` of a split: float32 N x 28 x 28 in [0, 1], int64 N."""
+    path = Path(processed_dir) / f"{split}.pt"
+    try:
+        tensors = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found (run the preprocess stage first)") from None
+    return tensors["images"].float().div_(255), tensors["labels"]

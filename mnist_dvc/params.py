@@ -1,0 +1,199 @@
+"""The schema of params.yaml, one pydantic model per section, and its loader.
+
+Every stage calls ``load_section(name)`` for each section it reads, first
+thing. A wrong value ends the stage with one line that names the full key,
+the bad value and what is allowed, e.g.
+
+    params.yaml: train.lr = -0.1: Input should be greater than 0
+
+Unknown keys are errors too, so a typo (``train.learning_rate``) is caught
+instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mnist_dvc.stage import StageError
+
+PARAMS_FILE = Path("params.yaml")
+MNIST_TRAIN_SIZE = 60_000
+MD5 = Field(pattern=r"^[0-9a-f]{32}$")
+
+
+class Section(BaseModel):
+    # strict: a YAML string "0.1" or a bool is not silently taken as a number.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Md5Sums(Section):
+    train_images: str = MD5
+    train_labels: str = MD5
+    test_images: str = MD5
+    test_labels: str = MD5
+
+
+class DownloadParams(Section):
+    mirrors: list[str] = Field(min_length=1)
+    md5: Md5Sums
+    retries: int = Field(ge=1, le=20)
+    timeout: float = Field(gt=0, le=600)
+    backoff: float = Field(ge=0, le=60)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _urls(cls, mirrors: list[str]) -> list[str]:
+        for url in mirrors:
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https", "file") or not (parsed.netloc or parsed.path):
+                raise ValueError(f"{url!r} is not an http://, https:// or file:// URL")
+        return mirrors
+
+
+class PreprocessParams(Section):
+    # A fraction of the 60,000 training images in [0, 1), or a count below 60,000.
+    val_size: float | int = Field(ge=0)
+    seed: int = Field(ge=0)
+
+    @field_validator("val_size")
+    @classmethod
+    def _fraction_or_count(cls, v: float | int) -> float | int:
+        if isinstance(v, float) and not v < 1:
+            raise ValueError("a fraction must be in [0, 1); use an integer for a count")
+        if isinstance(v, int) and v >= MNIST_TRAIN_SIZE:
+            raise ValueError(f"a count must be below {MNIST_TRAIN_SIZE}")
+        return v
+
+
+class ModelParams(Section):
+    hidden: list[int] = Field(min_length=1)
+    activation: Literal["relu", "tanh", "gelu", "sigmoid"]
+    dropout: float = Field(ge=0, lt=1)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, hidden: list[int]) -> list[int]:
+        if any(h < 1 for h in hidden):
+            raise ValueError("every hidden layer size must be a positive integer")
+        return hidden
+
+
+class TrainParams(Section):
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0, le=10)
+    optimizer: Literal["adam", "adamw", "sgd"]
+    momentum: float = Field(ge=0, lt=1)
+    seed: int = Field(ge=0)
+    threads: int = Field(ge=1, le=256)
+    device: Literal["auto", "cpu", "cuda"]
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(ge=1)
+
+
+class PlotParams(Section):
+    dpi: int = Field(ge=30, le=600)
+    misclassified: int = Field(ge=1, le=100)
+
+
+class TuneGrid(Section):
+    lr: list[float] = Field(min_length=1)
+    hidden: list[list[int]] = Field(min_length=1)
+    max_epochs: list[int] = Field(min_length=1)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, lrs: list[float]) -> list[float]:
+        if any(lr <= 0 for lr in lrs):
+            raise ValueError("every learning rate must be greater than 0")
+        return lrs
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden_positive(cls, grid: list[list[int]]) -> list[list[int]]:
+        if any(not h or any(n < 1 for n in h) for h in grid):
+            raise ValueError("each entry must be a non-empty list of positive integers")
+        return grid
+
+    @field_validator("max_epochs")
+    @classmethod
+    def _epochs_positive(cls, epochs: list[int]) -> list[int]:
+        if any(e < 1 for e in epochs):
+            raise ValueError("every max_epochs value must be at least 1")
+        return epochs
+
+
+class TuneParams(Section):
+    subset_size: int = Field(ge=100, le=MNIST_TRAIN_SIZE)
+    cv: int = Field(ge=2, le=10)
+    n_jobs: int = Field(ge=1, le=64)
+    batch_size: int = Field(ge=1)
+    seed: int = Field(ge=0)
+    grid: TuneGrid
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "download": DownloadParams,
+    "preprocess": PreprocessParams,
+    "model": ModelParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "plot": PlotParams,
+    "tune": TuneParams,
+}
+
+
+def _key_and_parent(section: str, loc: tuple, model: type[Section]) -> tuple[str, type[Section]]:
+    """Turn a pydantic error location into ``train.lr`` / ``model.hidden[1]``.
+
+    Also returns the innermost section model, to list its keys. Union branch
+    tags that pydantic adds to locations (``float``, ``int``) are dropped.
+    """
+    key, parent = section, model
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif parent is not None and part in parent.model_fields:
+            key += f".{part}"
+            annotation = parent.model_fields[part].annotation
+            parent = annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+    return key, parent
+
+
+def _describe(section: str, error: dict, model: type[Section]) -> str:
+    """One readable line for one pydantic error: full key, bad value, what is allowed."""
+    if error["type"] == "extra_forbidden":
+        key, parent = _key_and_parent(section, error["loc"][:-1], model)
+        allowed = ", ".join(parent.model_fields)
+        return f"{key}.{error['loc'][-1]}: unknown key (allowed keys: {allowed})"
+    key, _ = _key_and_parent(section, error["loc"], model)
+    if error["type"] == "missing":
+        return f"{key}: missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key} = {error['input']!r}: {message}"
+
+
+def load_section(section: str, path: Path | str = PARAMS_FILE) -> Section:
+    """Read ``params.yaml`` and return its ``section`` validated, or raise StageError."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path} not found: run the stage from the repository root") from None
+    except yaml.YAMLError as exc:
+        raise StageError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(document, dict) or section not in document:
+        raise StageError(f"{path}: section '{section}' is missing")
+    model = SECTIONS[section]
+    try:
+        return model.model_validate(document[section])
+    except ValidationError as exc:
+        lines = dict.fromkeys(_describe(section, err, model) for err in exc.errors())
+        raise StageError(f"{path}: " + "; ".join(lines)) from None

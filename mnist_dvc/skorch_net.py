@@ -1,0 +1,146 @@
+"""The shared MLP as a skorch ``NeuralNetClassifier``, with two small extensions.
+
+- ``TensorBatches``: a skorch iterator that slices whole batches out of
+  in-memory tensors in the order of a seeded permutation. skorch's default,
+  a ``DataLoader`` over a ``Dataset``, indexes and collates one sample at a
+  time, which costs more than the arithmetic of this small MLP.
+- ``DvcLiveLogger``: DVCLive has no skorch integration, so this callback logs
+  each epoch's history row (train/loss, val/loss, val/accuracy) to DVCLive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from dvclive import Live
+from skorch import NeuralNetClassifier
+from skorch.callbacks import Callback
+from skorch.dataset import Dataset
+from skorch.helper import predefined_split
+from torch import nn
+
+from mnist_dvc.model import MLP, OPTIMIZERS, optimizer_kwargs
+
+
+class TensorBatches:
+    """Iterate ``(X, y)`` batches of a skorch ``Dataset`` holding tensors.
+
+    With ``shuffle``, each iteration (epoch) draws a new permutation from
+    ``generator``; the same generator object lives in the net's parameters,
+    so the batch order is seeded, differs between epochs, and never touches
+    torch's global RNG.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None):
+        self.X, self.y = dataset.X, dataset.y
+        self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.X) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.X)
+        order = torch.randperm(n, generator=self.generator).to(self.X.device) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            batch = order[start : start + self.batch_size] if self.shuffle else slice(start, start + self.batch_size)
+            inputs = self.X[batch]
+            # y is None when predicting; skorch ignores the placeholder then.
+            targets = self.y[batch] if self.y is not None else torch.zeros(len(inputs))
+            yield inputs, targets
+
+
+class DvcLiveLogger(Callback):
+    """Log skorch's per-epoch history to DVCLive in ``live_dir``.
+
+    The ``Live`` object is created in ``on_train_begin`` and closed in
+    ``on_train_end``, never in ``__init__``, so the net stays clonable and
+    picklable between fits.
+    """
+
+    KEYS = {"train_loss": "train/loss", "valid_loss": "val/loss", "valid_acc": "val/accuracy"}
+
+    def __init__(self, live_dir: str = "metrics/fit"):
+        self.live_dir = live_dir
+
+    def on_train_begin(self, net, **kwargs):
+        self.live_ = Live(str(self.live_dir), dvcyaml=None, save_dvc_exp=False)
+
+    def on_epoch_end(self, net, **kwargs):
+        row = net.history[-1]
+        for key, name in self.KEYS.items():
+            if key in row:
+                self.live_.log_metric(name, row[key])
+        self.live_.next_step()
+
+    def on_train_end(self, net, **kwargs):
+        self.live_.end()
+        del self.live_
+
+
+def module_params(model_params, seed: int = 0) -> dict:
+    """The ``module__*`` arguments that build the MLP of the ``model:`` section."""
+    return {
+        "module__hidden": list(model_params.hidden),
+        "module__activation": model_params.activation,
+        "module__dropout": model_params.dropout,
+        "module__seed": seed,
+    }
+
+
+def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val_split=None, **overrides):
+    """A ``NeuralNetClassifier`` of the shared MLP with the ``train:`` hyperparameters.
+
+    ``val_split`` is the preprocess validation split ``(images, labels)``,
+    used as skorch's validation set via ``predefined_split``; without one,
+    ``train_split=None``. skorch's default would instead hold out a random
+    20% of the training data, silently training on less than the loop does.
+    """
+    train_split = None
+    if val_split is not None and len(val_split[0]):
+        train_split = predefined_split(Dataset(*val_split))
+    params = dict(
+        module=MLP,
+        **module_params(model_params, seed),
+        # The module returns raw logits. skorch's default criterion for a
+        # classifier is NLLLoss, which expects log-probabilities: on logits it
+        # takes the "log-likelihood" of unnormalized scores, the loss is
+        # unbounded below, training diverges (train_loss=nan) and accuracy
+        # falls to chance (0.10). CrossEntropyLoss applies log-softmax first.
+        criterion=nn.CrossEntropyLoss,
+        optimizer=OPTIMIZERS[train_params.optimizer],
+        lr=train_params.lr,
+        max_epochs=train_params.epochs,
+        batch_size=train_params.batch_size,
+        iterator_train=TensorBatches,
+        iterator_train__shuffle=True,
+        iterator_train__generator=torch.Generator().manual_seed(seed),
+        iterator_valid=TensorBatches,
+        train_split=train_split,
+        device=device,
+        # Only tensors are ever loaded: load_params refuses pickled code.
+        torch_load_kwargs={"weights_only": True},
+    )
+    params.update({f"optimizer__{k}": v for k, v in optimizer_kwargs(train_params).items()})
+    params.update(overrides)
+    return NeuralNetClassifier(**params)
+
+
+def load_net(model_params, params_path, batch_size: int = 1000) -> NeuralNetClassifier:
+    """A net for prediction, its module's weights loaded from ``save_params`` output.
+
+    ``load_params`` goes through ``torch.load(..., weights_only=True)``
+    (``torch_load_kwargs`` in ``build_net``): tensors only, no pickled code.
+    """
+    net = NeuralNetClassifier(
+        MLP,
+        **module_params(model_params),
+        criterion=nn.CrossEntropyLoss,
+        classes=list(range(10)),
+        batch_size=batch_size,
+        iterator_valid=TensorBatches,
+        torch_load_kwargs={"weights_only": True},
+    )
+    net.initialize()
+    net.load_params(f_params=str(params_path))
+    return net

@@ -1,0 +1,70 @@
+"""What every stage does the same way: fail with one clear line, write atomically.
+
+- ``StageError`` is the one exception a stage raises for a problem the user
+  can fix (a bad parameter, a corrupt file, an unreachable mirror).
+  ``run_stage(main)`` prints it as ``error: ...`` without a traceback and
+  exits with status 1.
+- SIGTERM is turned into an exception like SIGINT, so an interrupted stage
+  unwinds through ``atomic_path`` and removes its temporary file.
+- ``atomic_path(path)`` yields a temporary path next to ``path`` and renames
+  it over ``path`` only when the block succeeds: a reader never sees a
+  half-written output, and a failed stage never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+class StageError(Exception):
+    """A problem with the inputs that the user can fix; the message says how."""
+
+
+class Interrupted(BaseException):
+    """Raised on SIGTERM so that cleanup runs as it does for Ctrl-C."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"stopped by signal {signum}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; rename it to ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path | str, data) -> None:
+    """Write ``data`` as indented, key-sorted JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's ``main``; turn StageError and interrupts into a clean exit."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        main()
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}): no output was replaced", file=sys.stderr)
+        sys.exit(130)

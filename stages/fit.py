@@ -1,0 +1,55 @@
+"""fit: the same MLP and hyperparameters, trained by skorch's NeuralNetClassifier.
+
+In:  data/processed/{train,val}.pt; params.yaml ``model`` and ``train``.
+Out: models/skorch_params.pt (the module's state_dict, via ``save_params``);
+     metrics/fit/ (DVCLive: train/loss, val/loss, val/accuracy per epoch).
+
+The net is built in mnist_dvc/skorch_net.py, where a comment explains why it
+needs ``criterion=CrossEntropyLoss`` (the classic tutorial's NaN loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from mnist_dvc.data import load_split
+from mnist_dvc.model import configure_torch, resolve_device
+from mnist_dvc.params import load_section
+from mnist_dvc.skorch_net import DvcLiveLogger, build_net
+from mnist_dvc.stage import atomic_path, run_stage
+
+
+def fit(model_params, train_params, train_split, val_split, live_dir=None):
+    """Build the skorch net and fit it on the training split; returns the net."""
+    device = resolve_device(train_params.device)
+    images, labels = (t.to(device) for t in train_split)
+    val_split = tuple(t.to(device) for t in val_split)
+    callbacks = [DvcLiveLogger(str(live_dir))] if live_dir is not None else []
+    net = build_net(
+        model_params, train_params, seed=train_params.seed, device=str(device),
+        val_split=val_split, callbacks=callbacks,
+    )
+    # Dropout masks come from torch's default generator, seeded like the loop's.
+    torch.manual_seed(train_params.seed)
+    return net.fit(images, labels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/processed"))
+    parser.add_argument("--model", type=Path, default=Path("models/skorch_params.pt"))
+    parser.add_argument("--live", type=Path, default=Path("metrics/fit"))
+    args = parser.parse_args(argv)
+    model_params, train_params = load_section("model"), load_section("train")
+    configure_torch(train_params.threads)
+    net = fit(model_params, train_params, load_split(args.data, "train"), load_split(args.data, "val"), args.live)
+    # A file object, as in train.py, so the bytes do not depend on the temporary name.
+    with atomic_path(args.model) as tmp, tmp.open("wb") as f:
+        net.save_params(f_params=f)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,136 @@
+"""plot: the pictures people would rather look at than read, as PNGs.
+
+In:  metrics/{train,fit}/plots/ (per-epoch curves); metrics/evaluate.json;
+     metrics/predictions/{manual,skorch}.csv; data/processed/test.pt;
+     params.yaml ``plot``.
+Out: plots/loss_curves.png         training loss (and validation accuracy) per epoch, both trainings
+     plots/confusion_matrices.png  a heatmap per model
+     plots/misclassified.png       test digits the explicit loop's model got wrong
+     plots/accuracy.png            test accuracy, explicit loop vs skorch
+
+Headless (Agg), fixed figure sizes and the bundled DejaVu font, no
+timestamp in the files: the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+from mnist_dvc.data import load_split  # noqa: E402
+from mnist_dvc.params import load_section  # noqa: E402
+from mnist_dvc.stage import atomic_path, run_stage  # noqa: E402
+
+TRAININGS = {"manual": "explicit loop (train)", "skorch": "skorch (fit)"}
+plt.rcParams.update({"font.family": "DejaVu Sans", "font.size": 10})
+
+
+def read_curve(path: Path) -> tuple[list[int], list[float]]:
+    """(epochs, values) from a DVCLive .tsv; empty when the file does not exist."""
+    if not path.exists():
+        return [], []
+    with path.open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    value = [k for k in rows[0] if k not in ("step", "timestamp")][0] if rows else None
+    return [int(r["step"]) + 1 for r in rows], [float(r[value]) for r in rows]
+
+
+def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(actual, predicted) label arrays from evaluate's CSV."""
+    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    return data[:, 0], data[:, 1]
+
+
+def save(fig, path: Path, dpi: int) -> None:
+    """Save ``fig`` as a PNG without a timestamp or version, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+
+
+def loss_curves(live_dirs: dict[str, Path]):
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, live in live_dirs.items():
+        loss_ax.plot(*read_curve(live / "plots/metrics/train/loss.tsv"), marker="o", label=TRAININGS[name])
+        acc_ax.plot(*read_curve(live / "plots/metrics/val/accuracy.tsv"), marker="o", label=TRAININGS[name])
+    loss_ax.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy")
+    acc_ax.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy")
+    loss_ax.legend()
+    if any(len(line.get_xdata()) for line in acc_ax.lines):
+        acc_ax.legend()
+    else:
+        acc_ax.text(0.5, 0.5, "no validation split\n(preprocess.val_size: 0)", ha="center", transform=acc_ax.transAxes)
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrices(predictions: dict[str, tuple[np.ndarray, np.ndarray]]):
+    fig, axes = plt.subplots(1, len(predictions), figsize=(6 * len(predictions), 5.5))
+    for ax, (name, (actual, predicted)) in zip(axes, predictions.items()):
+        ConfusionMatrixDisplay.from_predictions(actual, predicted, ax=ax, colorbar=False, cmap="Blues")
+        ax.set_title(f"{TRAININGS[name]}: {int((actual != predicted).sum())} errors")
+    fig.tight_layout()
+    return fig
+
+
+def misclassified(images, actual, predicted, other_predicted, count: int):
+    wrong = np.flatnonzero(actual != predicted)[:count]
+    cols = min(10, max(1, len(wrong)))
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.6 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"#{i} true {actual[i]}\nloop {predicted[i]} skorch {other_predicted[i]}", fontsize=7)
+    fig.suptitle(f"Misclassified test digits (explicit loop): first {len(wrong)} of {int((actual != predicted).sum())}")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_bars(metrics: dict):
+    fig, ax = plt.subplots(figsize=(5, 4))
+    names = list(TRAININGS)
+    values = [metrics[n]["accuracy"] for n in names]
+    bars = ax.bar([TRAININGS[n] for n in names], values, color=["tab:blue", "tab:orange"])
+    ax.bar_label(bars, labels=[f"{v:.4f}" for v in values])
+    low = min(values)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set(title="Test accuracy", ylabel="accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/processed"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
+    parser.add_argument("--out", type=Path, default=Path("plots"))
+    args = parser.parse_args(argv)
+    params = load_section("plot")
+    evaluation = json.loads((args.metrics / "evaluate.json").read_text())
+    predictions = {n: read_predictions(args.metrics / "predictions" / f"{n}.csv") for n in TRAININGS}
+    images, _ = load_split(args.data, "test")
+    live_dirs = {"manual": args.metrics / "train", "skorch": args.metrics / "fit"}
+
+    save(loss_curves(live_dirs), args.out / "loss_curves.png", params.dpi)
+    save(confusion_matrices(predictions), args.out / "confusion_matrices.png", params.dpi)
+    actual, predicted = predictions["manual"]
+    grid = misclassified(images.numpy(), actual, predicted, predictions["skorch"][1], params.misclassified)
+    save(grid, args.out / "misclassified.png", params.dpi)
+    save(accuracy_bars(evaluation), args.out / "accuracy.png", params.dpi)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,104 @@
+"""train: the MLP with an explicit PyTorch loop, every moving part in sight.
+
+In:  data/processed/{train,val}.pt; params.yaml ``model`` and ``train``.
+Out: models/mlp.pt (a state_dict); metrics/train/ (DVCLive: metrics.json and
+     per-epoch train/loss, val/loss, val/accuracy under plots/).
+
+The data stays in memory as one float tensor; each epoch draws a permutation
+of indices from an explicit, seeded ``torch.Generator`` and slices whole
+batches out of it, so there is no per-sample Python work and no DataLoader.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from dvclive import Live
+from tqdm import tqdm
+
+from mnist_dvc.data import load_split
+from mnist_dvc.model import (
+    OPTIMIZERS,
+    build_mlp,
+    configure_torch,
+    loss_and_accuracy,
+    optimizer_kwargs,
+    predict_logits,
+    resolve_device,
+)
+from mnist_dvc.params import load_section
+from mnist_dvc.stage import atomic_path, run_stage
+
+
+def train_epoch(model, optimizer, images, labels, batch_size, generator, desc="") -> float:
+    """One pass over the data in a seeded random order; returns the mean training loss."""
+    model.train()
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    total_loss = torch.zeros((), device=images.device)
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, mininterval=0.5):
+        batch = order[start : start + batch_size]
+        inputs, targets = images[batch], labels[batch]
+        optimizer.zero_grad()
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach() * len(batch)
+    return total_loss.item() / len(images)
+
+
+def train(model_params, train_params, train_split, val_split, live=None):
+    """Build the MLP and train it for ``train.epochs``; log each epoch to ``live``."""
+    device = resolve_device(train_params.device)
+    model = build_mlp(model_params, train_params.seed).to(device)
+    optimizer = OPTIMIZERS[train_params.optimizer](
+        model.parameters(), lr=train_params.lr, **optimizer_kwargs(train_params)
+    )
+    images, labels = (t.to(device) for t in train_split)
+    val_images, val_labels = (t.to(device) for t in val_split)
+    # One generator for batch order; dropout masks come from torch's default
+    # generator, seeded here from the same base seed.
+    generator = torch.Generator().manual_seed(train_params.seed)
+    torch.manual_seed(train_params.seed)
+    for epoch in range(1, train_params.epochs + 1):
+        desc = f"epoch {epoch}/{train_params.epochs}"
+        train_loss = train_epoch(model, optimizer, images, labels, train_params.batch_size, generator, desc)
+        line = f"{desc}: train/loss {train_loss:.4f}"
+        if live is not None:
+            live.log_metric("train/loss", train_loss)
+        if len(val_images):
+            val_logits = predict_logits(model, val_images, 1000)
+            val_loss, val_accuracy = loss_and_accuracy(val_logits, val_labels)
+            line += f"  val/loss {val_loss:.4f}  val/accuracy {val_accuracy:.4f}"
+            if live is not None:
+                live.log_metric("val/loss", val_loss)
+                live.log_metric("val/accuracy", val_accuracy)
+        if live is not None:
+            live.next_step()
+        print(line)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/processed"))
+    parser.add_argument("--model", type=Path, default=Path("models/mlp.pt"))
+    parser.add_argument("--live", type=Path, default=Path("metrics/train"))
+    args = parser.parse_args(argv)
+    model_params, train_params = load_section("model"), load_section("train")
+    configure_torch(train_params.threads)
+    train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
+    with Live(str(args.live), dvcyaml=None, save_dvc_exp=False) as live:
+        model = train(model_params, train_params, train_split, val_split, live)
+    state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    # A file object, not the path: torch.save would name the archive after
+    # the random temporary file name and the bytes would differ between runs.
+    with atomic_path(args.model) as tmp, tmp.open("wb") as f:
+        torch.save(state, f)
+
+
+if __name__ == "__main__":
+    run_stage(main)
