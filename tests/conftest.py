@@ -1,0 +1,214 @@
+"""Fixtures the tests make themselves: a tiny, learnable MNIST and project copies.
+
+The tiny MNIST is scikit-learn's bundled ``load_digits`` (1,797 real
+handwritten digits, 8x8), upscaled to 28x28 and written as the four gzipped
+IDX files, so every stage runs on real-looking data in a second or two and
+no test needs the network or ../shared.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RAW_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+N_TRAIN = 1500  # of load_digits' 1,797; the other 297 are the test set
+# What a project copy needs to run the pipeline: tracked sources, no data.
+PROJECT_FILES = ["stages", "mnist_dvc", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore",
+                 ".dvcignore", ".gitignore"]
+# Small settings so a whole pipeline runs in seconds on the fixture data.
+FAST_PARAMS = {
+    "download.retries": 2,
+    "download.timeout": 5.0,
+    "download.backoff": 0.01,
+    "preprocess.val_size": 200,
+    "train.epochs": 2,
+    "tune.subset_size": 300,
+    "tune.cv": 2,
+    "tune.grid.lr": [0.001, 0.01],
+    "tune.grid.hidden": [[32]],
+    "tune.grid.max_epochs": [2],
+}
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8, 1-D labels or N x H x W images) as a gzipped IDX file."""
+    magic = 0x800 + array.ndim
+    header = struct.pack(f">{1 + array.ndim}I", magic, *array.shape)
+    with gzip.GzipFile(path, "wb", mtime=0) as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def tiny_mnist_arrays() -> dict[str, np.ndarray]:
+    """load_digits upscaled to MNIST's format: 28x28 uint8 images, 0..9 labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.kron(digits.images / 16.0, np.ones((3, 3)))  # 8x8 -> 24x24
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))  # -> 28x28, centred like MNIST
+    images = np.round(images * 255).astype(np.uint8)
+    labels = digits.target.astype(np.uint8)
+    return {
+        "train_images": images[:N_TRAIN],
+        "train_labels": labels[:N_TRAIN],
+        "test_images": images[N_TRAIN:],
+        "test_labels": labels[N_TRAIN:],
+    }
+
+
+def write_mirror(folder: Path, arrays: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+    """Write the four gzipped IDX files into ``folder``; return their md5s by params key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = arrays if arrays is not None else tiny_mnist_arrays()
+    for key, name in RAW_FILES.items():
+        write_idx(folder / name, arrays[key])
+    return {key: md5_of(folder / name) for key, name in RAW_FILES.items()}
+
+
+@pytest.fixture(scope="session")
+def mirror(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A folder holding the tiny MNIST as the four official file names, and their md5s."""
+    folder = tmp_path_factory.mktemp("mirror")
+    return folder, write_mirror(folder)
+
+
+def set_key(params: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def write_params(folder: Path, mirror_url: str, md5: dict[str, str], **overrides) -> Path:
+    """The project's params.yaml, pointed at ``mirror_url`` with FAST_PARAMS and ``overrides``.
+
+    Override keys use ``__`` for dots: ``train__lr=0.01``.
+    """
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["download"]["mirrors"] = [mirror_url]
+    params["download"]["md5"] = dict(md5)
+    for key, value in {**FAST_PARAMS, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+        set_key(params, key, value)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, mirror, monkeypatch) -> Path:
+    """A folder with a fast params.yaml pointing at the file:// fixture mirror; the cwd."""
+    folder, md5 = mirror
+    write_params(tmp_path, folder.as_uri() + "/", md5)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_stage_script(name: str, *args: str, cwd: Path, check: bool = True, **kwargs):
+    """Run ``python stages/<name>.py`` of this checkout as DVC would, in ``cwd``."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "stages" / f"{name}.py"), *args],
+        cwd=cwd, capture_output=True, text=True, **kwargs,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"stage {name} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def prepared(workdir) -> Path:
+    """``workdir`` after the download and preprocess stages: data/processed exists."""
+    run_stage_script("download", cwd=workdir)
+    run_stage_script("preprocess", cwd=workdir)
+    return workdir
+
+
+# --- end-to-end: real git and dvc commands in a temporary repository ------------
+
+def tool_env() -> dict[str, str]:
+    """The environment for git/dvc: this venv's bin first, so dvc.yaml's `python` is ours."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.invalid",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.invalid",
+               DVC_NO_ANALYTICS="1", PYTHONPATH="")
+    return env
+
+
+def sh(*cmd: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command (git, dvc) in ``cwd``; on failure show its output."""
+    result = subprocess.run(list(cmd), cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return sh(str(Path(sys.executable).parent / "dvc"), *args, cwd=cwd, **kwargs)
+
+
+def make_project(dest: Path, mirror: tuple[Path, dict[str, str]], **overrides) -> Path:
+    """A git repository with the project's sources and a fast params.yaml, committed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src, dst = REPO / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    folder, md5 = mirror
+    write_params(dest, folder.as_uri() + "/", md5, **overrides)
+    sh("git", "init", "-q", "-b", "main", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-q", "-m", "project", cwd=dest)
+    return dest
+
+
+def ran_stages(output: str) -> set[str]:
+    """Stage names that `dvc repro` / `dvc exp run` says it ran."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, mirror) -> Path:
+    """A project repository after one full `dvc repro` and a commit of its results.
+
+    Tests that change it copy it first (``copy_project``).
+    """
+    repo = make_project(tmp_path_factory.mktemp("reproduced") / "repo", mirror)
+    result = dvc("repro", cwd=repo)
+    repo.parent.joinpath("repro-output.txt").write_text(result.stdout)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-q", "-m", "results", cwd=repo)
+    return repo
+
+
+@pytest.fixture
+def copy_project(tmp_path, reproduced):
+    """A fresh copy of the ``reproduced`` repository (with its DVC cache) to change."""
+    def _copy() -> Path:
+        dest = tmp_path / "repo"
+        shutil.copytree(reproduced, dest, symlinks=True)
+        return dest
+    return _copy
