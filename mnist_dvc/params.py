@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ruamel.yaml import YAML, YAMLError
 
 from mnist_dvc.stage import StageError
 
@@ -50,7 +51,9 @@ class DownloadParams(Section):
     def _urls(cls, mirrors: list[str]) -> list[str]:
         for url in mirrors:
             parsed = urlparse(url)
-            if parsed.scheme not in ("http", "https", "file") or not (parsed.netloc or parsed.path):
+            # http(s) needs a host; file:///folder/ has none, only a path.
+            where = parsed.path if parsed.scheme == "file" else parsed.netloc
+            if parsed.scheme not in ("http", "https", "file") or not where:
                 raise ValueError(f"{url!r} is not an http://, https:// or file:// URL")
         return mirrors
 
@@ -111,8 +114,9 @@ class TuneGrid(Section):
     @field_validator("lr")
     @classmethod
     def _lr_positive(cls, lrs: list[float]) -> list[float]:
-        if any(lr <= 0 for lr in lrs):
-            raise ValueError("every learning rate must be greater than 0")
+        # The bounds of train.lr; written so that .nan fails too.
+        if any(not 0 < lr <= 10 for lr in lrs):
+            raise ValueError("every learning rate must be greater than 0 and at most 10")
         return lrs
 
     @field_validator("hidden")
@@ -184,10 +188,11 @@ def load_section(section: str, path: Path | str = PARAMS_FILE) -> Section:
     """Read ``params.yaml`` and return its ``section`` validated, or raise StageError."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
+        # YAML 1.2, as DVC reads params.yaml: `lr: 1e-3` is a number, `yes` a string.
+        document = YAML(typ="safe", pure=True).load(path.read_text())
     except FileNotFoundError:
         raise StageError(f"{path} not found: run the stage from the repository root") from None
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         raise StageError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(document, dict) or section not in document:
         raise StageError(f"{path}: section '{section}' is missing")

@@ -33,7 +33,10 @@ class TensorBatches:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None):
-        self.X, self.y = dataset.X, dataset.y
+        # scikit-learn (a Pipeline, GridSearchCV's folds) hands over numpy
+        # arrays: view them as tensors, without a copy, so batches are tensors.
+        self.X = torch.as_tensor(dataset.X)
+        self.y = None if dataset.y is None else torch.as_tensor(dataset.y)
         self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
 
     def __len__(self) -> int:

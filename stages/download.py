@@ -39,7 +39,10 @@ def fetch(url: str, dest: Path, expected_md5: str, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as response, dest.open("wb") as out:
         length = response.headers.get("Content-Length")
         total = int(length) if length else None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False) as bar:
+        # disable=None: a bar only on a terminal; in logs (CI, dvc output piped) it
+        # would bury the one-line error under carriage-return fragments.
+        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False,
+                  disable=None) as bar:
             received = 0
             while chunk := response.read(CHUNK):
                 out.write(chunk)

@@ -38,7 +38,8 @@ def train_epoch(model, optimizer, images, labels, batch_size, generator, desc=""
     model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
     total_loss = torch.zeros((), device=images.device)
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, mininterval=0.5):
+    steps = range(0, len(images), batch_size)
+    for start in tqdm(steps, desc=desc, leave=False, mininterval=0.5, disable=None):
         batch = order[start : start + batch_size]
         inputs, targets = images[batch], labels[batch]
         optimizer.zero_grad()

@@ -1,0 +1,165 @@
+"""tune: grid search over the skorch MLP inside a scikit-learn Pipeline.
+
+In:  data/processed/train.pt; params.yaml ``tune``, ``model`` (activation,
+     dropout) and ``train`` (optimizer, momentum, threads, device).
+Out: metrics/tune.json             best_score, best_params (lr, hidden,
+                                   max_epochs, as in tune.grid), n_candidates, cv, subset_size
+     metrics/tune_results.csv      one row per grid point: its parameters and CV scores
+     metrics/tune_cv_accuracy.png  mean CV accuracy per grid point, std as error bars
+
+The Pipeline is [scale: uint8 images -> float32 in [0, 1], flattened] then
+[net: build_net's NeuralNetClassifier, whose comment says why it needs
+CrossEntropyLoss]. GridSearchCV clones it per grid point and fold. It only
+reports (refit=False): the fit stage trains the final model. Timings are
+printed, not written, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from skorch.callbacks import Callback  # noqa: E402
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split  # noqa: E402
+from sklearn.pipeline import Pipeline  # noqa: E402
+from sklearn.preprocessing import FunctionTransformer  # noqa: E402
+
+from mnist_dvc.model import configure_torch, resolve_device  # noqa: E402
+from mnist_dvc.params import load_section  # noqa: E402
+from mnist_dvc.skorch_net import build_net  # noqa: E402
+from mnist_dvc.stage import StageError, atomic_path, run_stage, write_json  # noqa: E402
+
+# params.yaml's tune.grid keys -> the Pipeline's parameter names.
+GRID_KEYS = {"lr": "net__lr", "hidden": "net__module__hidden", "max_epochs": "net__max_epochs"}
+plt.rcParams.update({"font.family": "DejaVu Sans", "font.size": 9})
+
+
+def load_raw_train(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Training images as stored (uint8, N x 28 x 28) and labels; not load_split,
+    which already scales: here scaling is the Pipeline's own first step."""
+    try:
+        tensors = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found (run the preprocess stage first)") from None
+    return tensors["images"].numpy(), tensors["labels"].numpy()
+
+
+def stratified_subset(images, labels, size: int, seed: int):
+    """A seeded, class-stratified subset of ``size`` images; all of them if there are not more."""
+    if size >= len(labels):
+        print(f"tune.subset_size = {size} >= {len(labels)} training images: using all of them")
+        return images, labels
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
+    return images[keep], labels[keep]
+
+
+def scale_and_flatten(images: np.ndarray) -> np.ndarray:
+    """uint8 N x 28 x 28 -> float32 N x 784 in [0, 1]."""
+    return np.divide(images.reshape(len(images), -1), 255, dtype=np.float32)
+
+
+class ReproducibleFit(Callback):
+    """Before each fit, in whichever process runs it: pin torch's threads and
+    denormal handling (configure_torch) and seed dropout's global RNG, so a
+    fit's result depends neither on n_jobs nor on the order of the fits."""
+
+    def __init__(self, threads: int = 1, seed: int = 0):
+        self.threads, self.seed = threads, seed
+
+    def on_train_begin(self, net, **kwargs):
+        configure_torch(self.threads)
+        torch.manual_seed(self.seed)
+
+
+def build_search(model_params, train_params, tune_params) -> GridSearchCV:
+    """The Pipeline and the GridSearchCV over ``tune.grid``, unfitted."""
+    # With n_jobs > 1, that many worker processes share the cores: one torch
+    # thread each, or their thread pools together would oversubscribe them.
+    threads = train_params.threads if tune_params.n_jobs == 1 else 1
+    net = build_net(
+        model_params, train_params, seed=tune_params.seed, device=str(resolve_device(train_params.device)),
+        batch_size=tune_params.batch_size, verbose=0,  # train_split stays None: the folds validate
+        callbacks=[ReproducibleFit(threads, tune_params.seed)],
+    )
+    pipeline = Pipeline([("scale", FunctionTransformer(scale_and_flatten)), ("net", net)])
+    grid = {GRID_KEYS[key]: values for key, values in tune_params.grid.model_dump().items()}
+    cv = StratifiedKFold(tune_params.cv, shuffle=True, random_state=tune_params.seed)
+    return GridSearchCV(pipeline, grid, scoring="accuracy", cv=cv, n_jobs=tune_params.n_jobs,
+                        refit=False, error_score="raise")
+
+
+def results_table(cv_results: dict, n_splits: int) -> list[dict]:
+    """One row per grid point with plain values, ``hidden`` as "128-64"; no
+    timing columns, which would differ between identical runs."""
+    scores = ["mean_test_score", "std_test_score", "rank_test_score"] + [
+        f"split{k}_test_score" for k in range(n_splits)]
+    return [{"candidate": i, "lr": float(params["net__lr"]),
+             "hidden": "-".join(str(h) for h in params["net__module__hidden"]),
+             "max_epochs": int(params["net__max_epochs"]),
+             **{key: cv_results[key][i].item() for key in scores}}
+            for i, params in enumerate(cv_results["params"])]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` as a CSV with a header, atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_scores(path: Path, rows: list[dict], title: str) -> None:
+    """Save mean CV accuracy per grid point, std as error bars, best in orange: a PNG without a timestamp."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 1.5), 4.5))
+    x = np.arange(len(rows))
+    means, stds = [r["mean_test_score"] for r in rows], [r["std_test_score"] for r in rows]
+    ax.errorbar(x, means, yerr=stds, fmt="o", capsize=4, color="tab:blue")
+    best = min(range(len(rows)), key=lambda i: rows[i]["rank_test_score"])
+    ax.errorbar([best], [means[best]], yerr=[stds[best]], fmt="o", capsize=4, color="tab:orange", label="best")
+    ax.set_xticks(x, [f"lr={r['lr']:g}\nhidden={r['hidden']}\nepochs={r['max_epochs']}" for r in rows])
+    ax.set(title=title, ylabel="CV accuracy (mean ± std over folds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/processed"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/tune.json"))
+    parser.add_argument("--results", type=Path, default=Path("metrics/tune_results.csv"))
+    parser.add_argument("--plot", type=Path, default=Path("metrics/tune_cv_accuracy.png"))
+    args = parser.parse_args(argv)
+    model_params, train_params, tune_params = (load_section(s) for s in ("model", "train", "tune"))
+    configure_torch(train_params.threads)
+    images, labels = stratified_subset(*load_raw_train(args.data / "train.pt"), tune_params.subset_size,
+                                       tune_params.seed)
+    search = build_search(model_params, train_params, tune_params).fit(images, labels)
+
+    rows = results_table(search.cv_results_, tune_params.cv)
+    for row, fit_time in zip(rows, search.cv_results_["mean_fit_time"]):
+        print(f"lr={row['lr']:g} hidden={row['hidden']} max_epochs={row['max_epochs']}: "
+              f"{row['mean_test_score']:.4f} +- {row['std_test_score']:.4f} (fit {fit_time:.1f} s)")
+    best = search.best_params_  # saved under tune.grid's names, to copy back into params.yaml
+    write_json(args.metrics, {
+        "best_score": float(search.best_score_),
+        "best_params": {"lr": float(best["net__lr"]), "hidden": [int(h) for h in best["net__module__hidden"]],
+                        "max_epochs": int(best["net__max_epochs"])},
+        "n_candidates": len(rows), "cv": tune_params.cv, "subset_size": len(labels),
+    })
+    write_csv(args.results, rows)
+    plot_scores(args.plot, rows, f"{tune_params.cv}-fold CV accuracy on {len(labels)} training images")
+
+
+if __name__ == "__main__":
+    run_stage(main)

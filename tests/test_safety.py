@@ -1,0 +1,108 @@
+"""Nothing unsafe is loaded, and an interrupted stage never leaves a half-written output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, dvc, run_stage_script, tool_env, write_params
+from mnist_dvc.model import MLP
+
+
+class CodeOnLoad:
+    """A pickle that would run a shell command when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("tampered", ["models/mlp.pt", "models/skorch_params.pt"])
+def test_tampered_model_file_is_refused_and_its_code_never_runs(prepared, tampered):
+    models = prepared / "models"
+    models.mkdir()
+    state = MLP([128]).state_dict()
+    for name in ("mlp.pt", "skorch_params.pt"):
+        torch.save(state, models / name)
+    marker = prepared / "code-ran"
+    torch.save({"layers.1.weight": CodeOnLoad(marker)}, prepared / tampered)
+
+    result = run_stage_script("evaluate", cwd=prepared, check=False)
+
+    assert result.returncode == 1
+    assert f"error: {tampered}: refused to load" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert not (prepared / "metrics/evaluate.json").exists()
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def epochs_logged(folder: Path) -> int:
+    tsv = folder / "metrics/train/plots/metrics/train/loss.tsv"
+    return max(0, len(tsv.read_text().splitlines()) - 1) if tsv.exists() else 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_train_stage_keeps_the_previous_model_and_leaves_no_partial_file(prepared, mirror, sig):
+    run_stage_script("train", cwd=prepared)
+    good = (prepared / "models/mlp.pt").read_bytes()
+    folder, md5 = mirror
+    write_params(prepared, folder.as_uri() + "/", md5, train__epochs=1000)
+    shutil.rmtree(prepared / "metrics/train")  # so the epochs counted below are the new run's
+    process = subprocess.Popen([sys.executable, str(REPO / "stages/train.py")], cwd=prepared,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: epochs_logged(prepared) >= 2, 60, "two epochs of the long run")
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert (prepared / "models/mlp.pt").read_bytes() == good
+    assert sorted(p.name for p in (prepared / "models").iterdir()) == ["mlp.pt"]
+
+
+@pytest.mark.e2e
+def test_interrupted_dvc_repro_leaves_the_last_good_model_recoverable_with_dvc_checkout(copy_project, mirror):
+    repo = copy_project()
+    good = (repo / "models/mlp.pt").read_bytes()
+    folder, md5 = mirror
+    write_params(repo, folder.as_uri() + "/", md5, train__epochs=1000)
+    started = time.time()
+    process = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "train"], cwd=repo,
+                               env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    tsv = repo / "metrics/train/plots/metrics/train/loss.tsv"
+    try:
+        wait_for(lambda: tsv.exists() and tsv.stat().st_mtime > started and epochs_logged(repo) >= 2,
+                 120, "the train stage to log two epochs")
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole process group
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0, output
+    model = repo / "models/mlp.pt"
+    assert not model.exists() or model.read_bytes() == good, "no half-written model"
+    assert not list((repo / "models").glob(".*.tmp"))
+
+    dvc("checkout", "models/mlp.pt", cwd=repo)
+    assert model.read_bytes() == good

@@ -1,0 +1,109 @@
+"""The tune stage: GridSearchCV over the skorch net inside a scikit-learn Pipeline.
+
+Runs in-process on the fixture data (``prepared``) with conftest's FAST_PARAMS:
+300 images, 2 folds, grid lr [0.001, 0.01] x hidden [[32]] x max_epochs [2].
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from sklearn.base import clone
+
+from mnist_dvc.params import load_section
+from stages import tune
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_tune(folder: Path, name: str = "tune") -> dict[str, Path]:
+    """Run the stage in the cwd, writing its three outputs under ``folder/metrics`` as ``name``*."""
+    outputs = {
+        "metrics": folder / f"metrics/{name}.json",
+        "results": folder / f"metrics/{name}_results.csv",
+        "plot": folder / f"metrics/{name}_cv_accuracy.png",
+    }
+    tune.main([f"--{option}={path}" for option, path in outputs.items()])
+    return outputs
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tune_writes_best_params_from_the_grid_as_plain_json(prepared):
+    outputs = run_tune(prepared)
+    grid = yaml.safe_load(Path("params.yaml").read_text())["tune"]["grid"]
+    result = json.loads(outputs["metrics"].read_text())
+
+    assert set(result) == {"best_score", "best_params", "n_candidates", "cv", "subset_size"}
+    assert type(result["best_score"]) is float and 0 <= result["best_score"] <= 1
+    best = result["best_params"]
+    assert set(best) == {"lr", "hidden", "max_epochs"}
+    assert type(best["lr"]) is float and best["lr"] in grid["lr"]
+    assert all(type(h) is int for h in best["hidden"]) and best["hidden"] in grid["hidden"]
+    assert type(best["max_epochs"]) is int and best["max_epochs"] in grid["max_epochs"]
+    assert (result["n_candidates"], result["cv"], result["subset_size"]) == (2, 2, 300)
+
+    rows = read_rows(outputs["results"])
+    assert [(float(r["lr"]), r["hidden"], int(r["max_epochs"])) for r in rows] == [(0.001, "32", 2), (0.01, "32", 2)]
+    assert {"mean_test_score", "std_test_score", "rank_test_score", "split0_test_score",
+            "split1_test_score"} <= set(rows[0])
+    assert not any("time" in column for column in rows[0])
+    best_row = min(rows, key=lambda r: int(r["rank_test_score"]))
+    assert float(best_row["mean_test_score"]) == result["best_score"]
+    assert outputs["plot"].read_bytes().startswith(PNG_MAGIC)
+
+
+def test_same_seed_gives_byte_identical_outputs_whatever_n_jobs(prepared):
+    first, second = run_tune(prepared, "first"), run_tune(prepared, "second")
+    for key in first:
+        assert first[key].read_bytes() == second[key].read_bytes(), key
+    # Two worker processes: the Pipeline is pickled to them, and each fit
+    # pins its threads and seeds dropout itself (ReproducibleFit).
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["tune"]["n_jobs"] = 2
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    parallel = run_tune(prepared, "parallel")
+    for key in first:
+        assert first[key].read_bytes() == parallel[key].read_bytes(), key
+
+
+def test_configured_search_clones_and_the_clone_fits(workdir):
+    search = tune.build_search(load_section("model"), load_section("train"), load_section("tune"))
+    copy = clone(search)
+    original_net, copied_net = search.estimator.named_steps["net"], copy.estimator.named_steps["net"]
+    assert copied_net.iterator_train__generator is not original_net.iterator_train__generator
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
+    labels = np.repeat(np.arange(10), 4)
+    copy.fit(images, labels)
+    assert len(copy.cv_results_["params"]) == 2
+    pipeline = clone(search.estimator).set_params(net__max_epochs=1).fit(images, labels)
+    assert pipeline.predict(images).shape == (40,)
+
+
+def test_subset_size_beyond_the_training_set_uses_all_images(capsys):
+    images, labels = np.zeros((50, 28, 28), np.uint8), np.arange(50) % 10
+    kept_images, kept_labels = tune.stratified_subset(images, labels, 100, seed=0)
+    assert len(kept_labels) == 50 and "using all of them" in capsys.readouterr().out
+    _, subset = tune.stratified_subset(images, labels, 20, seed=0)
+    assert np.bincount(subset).tolist() == [2] * 10
+
+
+def test_scaling_step_matches_load_split_bit_for_bit():
+    # The same arithmetic as load_split (float32 / 255), so tuned
+    # hyperparameters carry over to the trainings, which use load_split.
+    images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    features = tune.scale_and_flatten(images)
+    assert features.dtype == np.float32 and features.shape == (1, 256)
+    expected = torch.from_numpy(images).float().div_(255).reshape(1, -1).numpy()
+    assert np.array_equal(features, expected)
+    assert features.min() == 0 and features.max() == 1
