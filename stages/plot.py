@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from mnist_dvc.data import load_split  # noqa: E402
@@ -59,18 +60,23 @@ def save(fig, path: Path, dpi: int) -> None:
 
 def loss_curves(live_dirs: dict[str, Path]):
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    # Distinct line styles: with the same seed both trainings often coincide exactly.
+    styles = {"manual": {"marker": "o", "linestyle": "-"}, "skorch": {"marker": "x", "linestyle": "--"}}
     for name, live in live_dirs.items():
-        loss_ax.plot(*read_curve(live / "plots/metrics/train/loss.tsv"), marker="o", label=TRAININGS[name])
-        acc_ax.plot(*read_curve(live / "plots/metrics/val/accuracy.tsv"), marker="o", label=TRAININGS[name])
+        loss_ax.plot(*read_curve(live / "plots/metrics/train/loss.tsv"), label=TRAININGS[name], **styles[name])
+        acc_ax.plot(*read_curve(live / "plots/metrics/val/accuracy.tsv"), label=TRAININGS[name], **styles[name])
     loss_ax.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy")
     acc_ax.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy")
     loss_ax.legend()
     if any(len(line.get_xdata()) for line in acc_ax.lines):
         acc_ax.legend()
     else:
-        acc_ax.text(0.5, 0.5, "no validation split\n(preprocess.val_size: 0)", ha="center", transform=acc_ax.transAxes)
+        acc_ax.set(xticks=[], yticks=[])
+        acc_ax.text(0.5, 0.5, "no validation split\n(set preprocess.val_size, e.g. 5000)",
+                    ha="center", va="center", transform=acc_ax.transAxes)
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 

@@ -1,0 +1,154 @@
+"""Seconds per epoch: the tutorial's DataLoader style vs the train and fit stages.
+
+All three train the same MLP (params.yaml ``model``) with the same
+``train:`` settings on the same MNIST files, in one process, with the same
+number of torch threads, and report seconds per epoch and test accuracy:
+
+- tutorial: ``torchvision.datasets.MNIST`` + ``transforms.ToTensor()`` +
+  ``DataLoader(shuffle=True)``, the classic loop: per-sample Python work;
+- train:    the train stage's loop (``stages/train.py``), in-memory tensors;
+- fit:      the fit stage's skorch net (``mnist_dvc/skorch_net.py``).
+
+With ``--memory`` it also runs the preprocess, train, fit and evaluate
+stages as subprocesses (outputs to a temporary folder) and reports each
+one's peak resident memory.
+
+Usage (after `make repro`, or point --raw at any folder with the four .gz files):
+    .venv/bin/python benchmarks/epoch_speed.py [--raw data/raw] [--epochs 5] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "stages")]
+
+from mnist_dvc.data import RAW_FILES, read_raw_pair  # noqa: E402
+from mnist_dvc.model import build_mlp, configure_torch, loss_and_accuracy, predict_logits  # noqa: E402
+from mnist_dvc.params import load_section  # noqa: E402
+from mnist_dvc.skorch_net import build_net  # noqa: E402
+from stages.train import train_epoch  # noqa: E402
+
+
+def tensors(raw: Path, split: str):
+    images, labels = read_raw_pair(raw, split)
+    return torch.from_numpy(images).float().div_(255), torch.from_numpy(labels).long()
+
+
+def tutorial(raw: Path, model_params, train_params, epochs: int, test):
+    """The classic loop: a torchvision dataset decoded per sample, batched by a DataLoader."""
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "MNIST" / "raw"
+        folder.mkdir(parents=True)
+        for name in RAW_FILES.values():  # torchvision reads the unpacked files
+            with gzip.open(raw / name) as src, open(folder / name.removesuffix(".gz"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        dataset = datasets.MNIST(root, train=True, download=False, transform=transforms.ToTensor())
+        loader = DataLoader(dataset, batch_size=train_params.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(train_params.seed))
+        model = build_mlp(model_params, train_params.seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=train_params.lr)
+        times = []
+        for _ in range(epochs):
+            start = time.perf_counter()
+            model.train()
+            for images, labels in loader:
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(images), labels)
+                loss.backward()
+                optimizer.step()
+            times.append(time.perf_counter() - start)
+    return times, accuracy(model, test)
+
+
+def train_loop(train, model_params, train_params, epochs: int, test):
+    model = build_mlp(model_params, train_params.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_params.lr)
+    generator = torch.Generator().manual_seed(train_params.seed)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        train_epoch(model, optimizer, *train, train_params.batch_size, generator)
+        times.append(time.perf_counter() - start)
+    return times, accuracy(model, test)
+
+
+def skorch_fit(train, model_params, train_params, epochs: int, test):
+    net = build_net(model_params, train_params, seed=train_params.seed, max_epochs=epochs, verbose=0)
+    net.fit(*train)
+    return list(net.history[:, "dur"]), accuracy(net.module_, test)
+
+
+def accuracy(model, test) -> float:
+    return loss_and_accuracy(predict_logits(model, test[0], 1000), test[1])[1]
+
+
+def peak_memory(raw: Path) -> dict[str, float]:
+    """Peak RSS (MB) of each data-heavy stage, run as DVC would run it."""
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        commands = {
+            "preprocess": ["--raw", str(raw), "--out", f"{tmp}/processed", "--metrics", f"{tmp}/data.json"],
+            "train": ["--data", f"{tmp}/processed", "--model", f"{tmp}/mlp.pt", "--live", f"{tmp}/train"],
+            "fit": ["--data", f"{tmp}/processed", "--model", f"{tmp}/skorch.pt", "--live", f"{tmp}/fit"],
+            "evaluate": ["--data", f"{tmp}/processed", "--manual", f"{tmp}/mlp.pt", "--skorch", f"{tmp}/skorch.pt",
+                         "--metrics", f"{tmp}/evaluate.json", "--report", f"{tmp}/report.json",
+                         "--predictions", f"{tmp}/predictions"],
+        }
+        for stage, args in commands.items():
+            process = subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args],
+                                       cwd=ROOT, stdout=subprocess.DEVNULL)
+            _, status, usage = os.wait4(process.pid, 0)
+            if status:
+                raise SystemExit(f"{stage} failed")
+            peaks[stage] = usage.ru_maxrss / 1024
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=Path, default=ROOT / "data/raw")
+    parser.add_argument("--epochs", type=int, default=None, help="default: train.epochs")
+    parser.add_argument("--memory", action="store_true", help="also measure each stage's peak memory")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    model_params, train_params = load_section("model"), load_section("train")
+    epochs = args.epochs or train_params.epochs
+    configure_torch(train_params.threads)
+    train, test = tensors(args.raw, "train"), tensors(args.raw, "test")
+    print(f"{len(train[0])} training images, batch {train_params.batch_size}, {epochs} epochs, "
+          f"{torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPUs, torch {torch.__version__}")
+    results = {
+        "tutorial (torchvision + ToTensor + DataLoader)": tutorial(args.raw, model_params, train_params, epochs, test),
+        "train stage (explicit loop, in-memory tensors)": train_loop(train, model_params, train_params, epochs, test),
+        "fit stage (skorch, TensorBatches)": skorch_fit(train, model_params, train_params, epochs, test),
+    }
+    baseline = None
+    print(f"\n{'method':50} {'s/epoch':>8} {'speed-up':>9} {'test acc':>9}")
+    for name, (times, acc) in results.items():
+        per_epoch = sorted(times)[len(times) // 2]  # the median epoch
+        baseline = baseline or per_epoch
+        print(f"{name:50} {per_epoch:8.2f} {baseline / per_epoch:8.1f}x {acc:9.4f}")
+    if args.memory:
+        print(f"\n{'stage':12} {'peak RSS (MB)':>14}")
+        for stage, mb in peak_memory(args.raw).items():
+            print(f"{stage:12} {mb:14.0f}")
+
+
+if __name__ == "__main__":
+    main()
