@@ -67,6 +67,9 @@ def loss_curves(live_dirs: dict[str, Path]):
         acc_ax.plot(*read_curve(live / "plots/metrics/val/accuracy.tsv"), label=TRAININGS[name], **styles[name])
     loss_ax.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy")
     acc_ax.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.legend()
     if any(len(line.get_xdata()) for line in acc_ax.lines):
         acc_ax.legend()
@@ -74,9 +77,6 @@ def loss_curves(live_dirs: dict[str, Path]):
         acc_ax.set(xticks=[], yticks=[])
         acc_ax.text(0.5, 0.5, "no validation split\n(set preprocess.val_size, e.g. 5000)",
                     ha="center", va="center", transform=acc_ax.transAxes)
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
