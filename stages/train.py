@@ -21,11 +21,10 @@ from tqdm import tqdm
 
 from mnist_dvc.data import load_split
 from mnist_dvc.model import (
-    OPTIMIZERS,
     build_mlp,
+    build_optimizer,
     configure_torch,
     loss_and_accuracy,
-    optimizer_kwargs,
     predict_logits,
     resolve_device,
 )
@@ -55,9 +54,7 @@ def train(model_params, train_params, train_split, val_split, live=None):
     """Build the MLP and train it for ``train.epochs``; log each epoch to ``live``."""
     device = resolve_device(train_params.device)
     model = build_mlp(model_params, train_params.seed).to(device)
-    optimizer = OPTIMIZERS[train_params.optimizer](
-        model.parameters(), lr=train_params.lr, **optimizer_kwargs(train_params)
-    )
+    optimizer = build_optimizer(model.parameters(), train_params)
     images, labels = (t.to(device) for t in train_split)
     val_images, val_labels = (t.to(device) for t in val_split)
     # One generator for batch order; dropout masks come from torch's default

@@ -9,7 +9,7 @@ import pytest
 from conftest import dvc, ran_stages, sh
 
 pytestmark = pytest.mark.e2e
-ALL_STAGES = {"download", "preprocess", "train", "fit", "evaluate", "plot"}
+ALL_STAGES = {"download", "preprocess", "train", "fit", "evaluate", "plot", "tune"}
 
 
 def test_repro_from_scratch_runs_every_stage_and_a_second_repro_runs_none(reproduced):
@@ -79,3 +79,12 @@ def test_exp_run_with_set_param_is_listed_by_exp_show_with_its_metrics(copy_proj
     assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.005
     evaluation = data["metrics"]["metrics/evaluate.json"]["data"]
     assert 0 < evaluation["manual"]["accuracy"] <= 1 and 0 < evaluation["skorch"]["accuracy"] <= 1
+
+
+def test_forced_rerun_of_every_stage_reproduces_every_committed_result_bit_for_bit(copy_project):
+    repo = copy_project()
+    result = dvc("repro", "--force", cwd=repo)
+    assert ran_stages(result.stdout) == ALL_STAGES
+    # Metrics, plot data, PNGs and dvc.lock (which holds the md5 of the models
+    # and data) are all unchanged: same params and seed, same bytes.
+    assert sh("git", "status", "--porcelain", cwd=repo).stdout == ""
