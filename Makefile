@@ -1,13 +1,14 @@
 # Two commands set everything up on a fresh machine:
 #   make repro   create .venv if missing, install the project, run `dvc repro`
 #   make test    the same set-up plus the test extras, then pytest
+#   make setup   only the set-up (e.g. before `dvc pull`)
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 # Make the venv's python the `python` that dvc.yaml's commands run.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test bench clean-venv
+.PHONY: setup repro test bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test]'
 	touch $@
+
+setup: $(VENV)/.installed
 
 repro: $(VENV)/.installed
 	$(BIN)/dvc repro

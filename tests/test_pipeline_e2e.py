@@ -88,3 +88,19 @@ def test_forced_rerun_of_every_stage_reproduces_every_committed_result_bit_for_b
     # Metrics, plot data, PNGs and dvc.lock (which holds the md5 of the models
     # and data) are all unchanged: same params and seed, same bytes.
     assert sh("git", "status", "--porcelain", cwd=repo).stdout == ""
+
+
+def test_bad_values_set_through_exp_run_fail_with_the_key_and_what_is_allowed(copy_project):
+    repo = copy_project()
+    cases = {
+        "train.lr=-1": "train.lr = -1: Input should be greater than 0",
+        "train.optimizer=adagrad": "train.optimizer = 'adagrad': Input should be 'adam', 'adamw' or 'sgd'",
+        "model.hidden=[]": "model.hidden = []: List should have at least 1 item",
+    }
+    for setting, message in cases.items():
+        result = dvc("exp", "run", "-S", setting, cwd=repo, check=False)
+        assert result.returncode != 0, setting
+        output = result.stdout + result.stderr
+        assert f"error: params.yaml: {message}" in output, output
+        assert "Traceback" not in output
+        sh("git", "checkout", "--", "params.yaml", cwd=repo)

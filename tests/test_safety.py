@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, dvc, run_stage_script, tool_env, write_params
+from conftest import dvc, run_stage_script, stage_command, stage_env, tool_env, write_params
 from mnist_dvc.model import MLP
 
 
@@ -66,7 +66,7 @@ def test_interrupted_train_stage_keeps_the_previous_model_and_leaves_no_partial_
     folder, md5 = mirror
     write_params(prepared, folder.as_uri() + "/", md5, train__epochs=1000)
     shutil.rmtree(prepared / "metrics/train")  # so the epochs counted below are the new run's
-    process = subprocess.Popen([sys.executable, str(REPO / "stages/train.py")], cwd=prepared,
+    process = subprocess.Popen(stage_command("train"), cwd=prepared, env=stage_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: epochs_logged(prepared) >= 2, 60, "two epochs of the long run")

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from skorch import NeuralNetClassifier
 from torch import nn
 
 from conftest import run_stage_script
