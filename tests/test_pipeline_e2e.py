@@ -68,7 +68,9 @@ def test_metrics_params_and_plots_diff_across_two_commits(copy_project, tmp_path
 def test_exp_run_with_set_param_is_listed_by_exp_show_with_its_metrics(copy_project):
     repo = copy_project()
     result = dvc("exp", "run", "-S", "train.lr=0.005", "-n", "lr-0.005", cwd=repo)
-    assert {"train", "fit", "evaluate", "plot"} <= ran_stages(result.stdout)
+    ran = ran_stages(result.stdout)
+    assert {"train", "fit", "evaluate", "plot"} <= ran
+    assert not ran & {"download", "preprocess"}
     rows = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
     experiments = [
         exp for row in rows for exp_range in (row.get("experiments") or []) for exp in exp_range["revs"]
