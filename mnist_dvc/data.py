@@ -98,11 +98,17 @@ def save_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         torch.save(tensors, f)
 
 
-def load_split(processed_dir: Path | str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images, labels)`` of a split: float32 N x 28 x 28 in [0, 1], int64 N."""
+def load_stored_split(processed_dir: Path | str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(images, labels)`` of a split as stored: uint8 N x 28 x 28, int64 N."""
     path = Path(processed_dir) / f"{split}.pt"
     try:
         tensors = torch.load(path, weights_only=True)
     except FileNotFoundError:
         raise StageError(f"{path}: not found (run the preprocess stage first)") from None
-    return tensors["images"].float().div_(255), tensors["labels"]
+    return tensors["images"], tensors["labels"]
+
+
+def load_split(processed_dir: Path | str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(images, labels)`` of a split: float32 N x 28 x 28 in [0, 1], int64 N."""
+    images, labels = load_stored_split(processed_dir, split)
+    return images.float().div_(255), labels

@@ -11,7 +11,6 @@ Out: metrics/evaluate.json   {"manual": {accuracy, loss, macro_f1}, "skorch": {.
 from __future__ import annotations
 
 import argparse
-import csv
 import pickle
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from mnist_dvc.data import load_split
 from mnist_dvc.model import build_mlp, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
 from mnist_dvc.skorch_net import load_net
-from mnist_dvc.stage import StageError, atomic_path, run_stage, write_json
+from mnist_dvc.stage import StageError, run_stage, write_csv, write_json
 
 
 def manual_logits(model_params, path: Path, images, batch_size) -> torch.Tensor:
@@ -49,14 +48,6 @@ def scores(logits, labels) -> tuple[dict, dict]:
     return headline, classification_report(labels, predicted, output_dict=True, zero_division=0)
 
 
-def write_predictions(path: Path, labels, predicted) -> None:
-    """``actual,predicted`` per test image, for DVC's confusion template."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows(zip(labels.tolist(), predicted.tolist()))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/processed"))
@@ -81,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
             reason = str(exc).strip().splitlines()[0]
             raise StageError(f"{path}: refused to load as {name} model weights: {reason}") from None
         metrics[name], reports[name] = scores(logits, labels)
-        write_predictions(args.predictions / f"{name}.csv", labels, logits.argmax(dim=1))
+        # actual,predicted per test image, in test-set order: DVC's confusion template.
+        predicted = logits.argmax(dim=1)
+        write_csv(args.predictions / f"{name}.csv", ["actual", "predicted"], zip(labels.tolist(), predicted.tolist()))
         print(f"{name}: " + "  ".join(f"test/{k} {v:.4f}" for k, v in metrics[name].items()))
     write_json(args.report, reports)
     write_json(args.metrics, metrics)

@@ -17,7 +17,6 @@ printed, not written, so the same inputs give the same bytes.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -31,24 +30,15 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_sp
 from sklearn.pipeline import Pipeline  # noqa: E402
 from sklearn.preprocessing import FunctionTransformer  # noqa: E402
 
+from mnist_dvc.data import load_stored_split  # noqa: E402
 from mnist_dvc.model import configure_torch, resolve_device  # noqa: E402
 from mnist_dvc.params import load_section  # noqa: E402
 from mnist_dvc.skorch_net import build_net  # noqa: E402
-from mnist_dvc.stage import StageError, atomic_path, run_stage, write_json  # noqa: E402
+from mnist_dvc.stage import atomic_path, run_stage, write_csv, write_json  # noqa: E402
 
 # params.yaml's tune.grid keys -> the Pipeline's parameter names.
 GRID_KEYS = {"lr": "net__lr", "hidden": "net__module__hidden", "max_epochs": "net__max_epochs"}
 plt.rcParams.update({"font.family": "DejaVu Sans", "font.size": 9})
-
-
-def load_raw_train(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Training images as stored (uint8, N x 28 x 28) and labels; not load_split,
-    which already scales: here scaling is the Pipeline's own first step."""
-    try:
-        tensors = torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found (run the preprocess stage first)") from None
-    return tensors["images"].numpy(), tensors["labels"].numpy()
 
 
 def stratified_subset(images, labels, size: int, seed: int):
@@ -107,14 +97,6 @@ def results_table(cv_results: dict, n_splits: int) -> list[dict]:
             for i, params in enumerate(cv_results["params"])]
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Write ``rows`` as a CSV with a header, atomically."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot_scores(path: Path, rows: list[dict], title: str) -> None:
     """Save mean CV accuracy per grid point, std as error bars, best in orange: a PNG without a timestamp."""
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 1.5), 4.5))
@@ -142,8 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model_params, train_params, tune_params = (load_section(s) for s in ("model", "train", "tune"))
     configure_torch(train_params.threads)
-    images, labels = stratified_subset(*load_raw_train(args.data / "train.pt"), tune_params.subset_size,
-                                       tune_params.seed)
+    # The images as stored (uint8): scaling them is the Pipeline's own first step.
+    images, labels = (t.numpy() for t in load_stored_split(args.data, "train"))
+    images, labels = stratified_subset(images, labels, tune_params.subset_size, tune_params.seed)
     search = build_search(model_params, train_params, tune_params).fit(images, labels)
 
     rows = results_table(search.cv_results_, tune_params.cv)
@@ -157,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                         "max_epochs": int(best["net__max_epochs"])},
         "n_candidates": len(rows), "cv": tune_params.cv, "subset_size": len(labels),
     })
-    write_csv(args.results, rows)
+    write_csv(args.results, list(rows[0]), [list(row.values()) for row in rows])
     plot_scores(args.plot, rows, f"{tune_params.cv}-fold CV accuracy on {len(labels)} training images")
 
 
