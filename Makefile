@@ -30,7 +30,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-test
-	$(BIN)/python benchmarks/epoch_speed.py
+	$(BIN)/python benchmarks/epoch_speed.py --memory
 
 clean-venv:
 	rm -rf $(VENV)
