@@ -15,6 +15,7 @@ one's peak resident memory.
 
 Usage (after `make repro`, or point --raw at any folder with the four .gz files):
     .venv/bin/python benchmarks/epoch_speed.py [--raw data/raw] [--epochs 5] [--memory]
+    .venv/bin/python benchmarks/epoch_speed.py --device cuda --batch-sizes 64 256 1024
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "stages")]
 
 from mnist_dvc.data import RAW_FILES, read_raw_pair  # noqa: E402
 from mnist_dvc.model import (  # noqa: E402
-    build_mlp, build_optimizer, configure_torch, loss_and_accuracy, predict_logits,
+    build_mlp, build_optimizer, configure_torch, loss_and_accuracy, predict_logits, resolve_device,
 )
 from mnist_dvc.params import load_section  # noqa: E402
 from mnist_dvc.skorch_net import build_net  # noqa: E402
@@ -51,7 +52,7 @@ def tensors(raw: Path, split: str):
     return torch.from_numpy(images).float().div_(255), torch.from_numpy(labels).long()
 
 
-def tutorial(raw: Path, model_params, train_params, epochs: int, test):
+def tutorial(raw: Path, model_params, train_params, epochs: int, test, device):
     """The classic loop: a torchvision dataset decoded per sample, batched by a DataLoader."""
     with tempfile.TemporaryDirectory() as root:
         folder = Path(root) / "MNIST" / "raw"
@@ -62,24 +63,27 @@ def tutorial(raw: Path, model_params, train_params, epochs: int, test):
         dataset = datasets.MNIST(root, train=True, download=False, transform=transforms.ToTensor())
         loader = DataLoader(dataset, batch_size=train_params.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(train_params.seed))
-        model = build_mlp(model_params, train_params.seed)
+        model = build_mlp(model_params, train_params.seed).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=train_params.lr)
         times = []
         for _ in range(epochs):
             start = time.perf_counter()
             model.train()
             for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(images), labels)
                 loss.backward()
                 optimizer.step()
+            loss.item()  # wait for the device to finish the epoch
             times.append(time.perf_counter() - start)
     return times, accuracy(model, test)
 
 
-def train_loop(train, model_params, train_params, epochs: int, test):
-    model = build_mlp(model_params, train_params.seed)
+def train_loop(train, model_params, train_params, epochs: int, test, device):
+    model = build_mlp(model_params, train_params.seed).to(device)
     optimizer = build_optimizer(model.parameters(), train_params)
+    train = tuple(t.to(device) for t in train)  # once, as the train stage does
     generator = torch.Generator().manual_seed(train_params.seed)
     times = []
     for _ in range(epochs):
@@ -89,14 +93,17 @@ def train_loop(train, model_params, train_params, epochs: int, test):
     return times, accuracy(model, test)
 
 
-def skorch_fit(train, model_params, train_params, epochs: int, test):
-    net = build_net(model_params, train_params, seed=train_params.seed, max_epochs=epochs, verbose=0)
-    net.fit(*train)
+def skorch_fit(train, model_params, train_params, epochs: int, test, device):
+    net = build_net(model_params, train_params, seed=train_params.seed, device=str(device),
+                    max_epochs=epochs, verbose=0)
+    net.fit(*(t.to(device) for t in train))
     return list(net.history[:, "dur"]), accuracy(net.module_, test)
 
 
 def accuracy(model, test) -> float:
-    return loss_and_accuracy(predict_logits(model, test[0], 1000), test[1])[1]
+    device = next(model.parameters()).device
+    logits = predict_logits(model, test[0].to(device), 1000)
+    return loss_and_accuracy(logits.cpu(), test[1])[1]
 
 
 # Runs one stage and prints its peak RSS. A small launcher process, because a
@@ -129,19 +136,8 @@ def peak_memory(raw: Path) -> dict[str, float]:
     return peaks
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--raw", type=Path, default=ROOT / "data/raw")
-    parser.add_argument("--epochs", type=int, default=None, help="default: train.epochs")
-    parser.add_argument("--memory", action="store_true", help="also measure each stage's peak memory")
-    args = parser.parse_args()
-    os.chdir(ROOT)
-    model_params, train_params = load_section("model"), load_section("train")
-    epochs = args.epochs or train_params.epochs
-    train, test = tensors(args.raw, "train"), tensors(args.raw, "test")
-    default_threads = torch.get_num_threads()
-    print(f"{len(train[0])} training images, batch {train_params.batch_size}, {epochs} epochs, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
+def compare(raw, train, test, model_params, train_params, epochs, device, default_threads) -> None:
+    """Print one table: the tutorial style, the train loop and the skorch fit at one batch size."""
     # The tutorial as written leaves torch's thread count at its default (one
     # per core); the stages pin train.threads. Both are shown for the tutorial.
     runs = [
@@ -150,15 +146,37 @@ def main() -> None:
         ("train stage (explicit loop, in-memory tensors)", train_params.threads, train_loop),
         ("fit stage (skorch, TensorBatches)", train_params.threads, skorch_fit),
     ]
-    print(f"\n{'method':48} {'threads':>7} {'s/epoch':>8} {'speed-up':>9} {'test acc':>9}")
+    print(f"\nbatch {train_params.batch_size} on {device}")
+    print(f"{'method':48} {'threads':>7} {'s/epoch':>8} {'speed-up':>9} {'test acc':>9}")
     baseline = None
     for name, threads, run in runs:
         configure_torch(threads)
-        data = args.raw if run is tutorial else train
-        times, acc = run(data, model_params, train_params, epochs, test)
+        data = raw if run is tutorial else train
+        times, acc = run(data, model_params, train_params, epochs, test, device)
         per_epoch = sorted(times)[len(times) // 2]  # the median epoch
         baseline = baseline or per_epoch
         print(f"{name:48} {threads:7d} {per_epoch:8.2f} {baseline / per_epoch:8.1f}x {acc:9.4f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=Path, default=ROOT / "data/raw")
+    parser.add_argument("--epochs", type=int, default=None, help="default: train.epochs")
+    parser.add_argument("--memory", action="store_true", help="also measure each stage's peak memory")
+    parser.add_argument("--device", default=None, help="cpu | cuda | auto (default: train.device)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: train.batch_size")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    model_params, train_params = load_section("model"), load_section("train")
+    device = resolve_device(args.device or train_params.device)
+    epochs = args.epochs or train_params.epochs
+    train, test = tensors(args.raw, "train"), tensors(args.raw, "test")
+    default_threads = torch.get_num_threads()
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"{len(train[0])} training images, {epochs} epochs, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}")
+    for batch_size in args.batch_sizes or [train_params.batch_size]:
+        compare(args.raw, train, test, model_params, train_params.model_copy(update={"batch_size": batch_size}),
+                epochs, device, default_threads)
     if args.memory:
         print(f"\n{'stage':22} {'peak RSS (MB)':>14}")
         for stage, mb in peak_memory(args.raw).items():
