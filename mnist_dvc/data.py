@@ -28,7 +28,6 @@ RAW_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-SPLITS = ("train", "val", "test")
 IMAGE_SIDE = 28
 N_CLASSES = 10
 # IDX magic numbers: two zero bytes, 0x08 for unsigned bytes, then the number of dimensions.

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_dvc.data import IMAGE_SIDE, N_CLASSES
 from mnist_dvc.stage import StageError
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-IN_FEATURES = 28 * 28
-N_CLASSES = 10
+IN_FEATURES = IMAGE_SIDE * IMAGE_SIDE
 
 
 class MLP(nn.Module):

@@ -17,7 +17,6 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from ruamel.yaml import YAML, YAMLError
 
 from mnist_dvc.stage import StageError

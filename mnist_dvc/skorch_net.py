@@ -20,6 +20,7 @@ from skorch.dataset import Dataset
 from skorch.helper import predefined_split
 from torch import nn
 
+from mnist_dvc.data import N_CLASSES
 from mnist_dvc.model import MLP, OPTIMIZERS, optimizer_kwargs
 
 
@@ -139,7 +140,7 @@ def load_net(model_params, params_path, batch_size: int = 1000) -> NeuralNetClas
         MLP,
         **module_params(model_params),
         criterion=nn.CrossEntropyLoss,
-        classes=list(range(10)),
+        classes=list(range(N_CLASSES)),
         batch_size=batch_size,
         iterator_valid=TensorBatches,
         torch_load_kwargs={"weights_only": True},

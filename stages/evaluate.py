@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics[name], reports[name] = scores(logits, labels)
         # actual,predicted per test image, in test-set order: DVC's confusion template.
         predicted = logits.argmax(dim=1)
-        write_csv(args.predictions / f"{name}.csv", ["actual", "predicted"], zip(labels.tolist(), predicted.tolist()))
+        write_csv(args.predictions / f"{name}.csv", ["actual", "predicted"],
+                  zip(labels.tolist(), predicted.tolist()))
         print(f"{name}: " + "  ".join(f"test/{k} {v:.4f}" for k, v in metrics[name].items()))
     write_json(args.report, reports)
     write_json(args.metrics, metrics)

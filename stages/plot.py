@@ -8,8 +8,8 @@ Out: plots/loss_curves.png         training loss (and validation accuracy) per e
      plots/misclassified.png       test digits the explicit loop's model got wrong
      plots/accuracy.png            test accuracy, explicit loop vs skorch
 
-Headless (Agg), fixed figure sizes and the bundled DejaVu font, no
-timestamp in the files: the same inputs give the same bytes.
+Fixed figure sizes, drawn and saved through mnist_dvc/figures.py (headless,
+bundled font, no timestamp): the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -19,20 +19,16 @@ import csv
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import ConfusionMatrixDisplay
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
-
-from mnist_dvc.data import load_split  # noqa: E402
-from mnist_dvc.params import load_section  # noqa: E402
-from mnist_dvc.stage import atomic_path, run_stage  # noqa: E402
+from mnist_dvc.data import load_split
+from mnist_dvc.figures import plt, save_png
+from mnist_dvc.params import load_section
+from mnist_dvc.stage import run_stage
 
 TRAININGS = {"manual": "explicit loop (train)", "skorch": "skorch (fit)"}
-plt.rcParams.update({"font.family": "DejaVu Sans", "font.size": 10})
 
 
 def read_curve(path: Path) -> tuple[list[int], list[float]]:
@@ -49,13 +45,6 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(actual, predicted) label arrays from evaluate's CSV."""
     data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     return data[:, 0], data[:, 1]
-
-
-def save(fig, path: Path, dpi: int) -> None:
-    """Save ``fig`` as a PNG without a timestamp or version, atomically."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
-    plt.close(fig)
 
 
 def loss_curves(live_dirs: dict[str, Path]):
@@ -130,12 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     images, _ = load_split(args.data, "test")
     live_dirs = {"manual": args.metrics / "train", "skorch": args.metrics / "fit"}
 
-    save(loss_curves(live_dirs), args.out / "loss_curves.png", params.dpi)
-    save(confusion_matrices(predictions), args.out / "confusion_matrices.png", params.dpi)
+    save_png(loss_curves(live_dirs), args.out / "loss_curves.png", params.dpi)
+    save_png(confusion_matrices(predictions), args.out / "confusion_matrices.png", params.dpi)
     actual, predicted = predictions["manual"]
     grid = misclassified(images.numpy(), actual, predicted, predictions["skorch"][1], params.misclassified)
-    save(grid, args.out / "misclassified.png", params.dpi)
-    save(accuracy_bars(evaluation), args.out / "accuracy.png", params.dpi)
+    save_png(grid, args.out / "misclassified.png", params.dpi)
+    save_png(accuracy_bars(evaluation), args.out / "accuracy.png", params.dpi)
 
 
 if __name__ == "__main__":

@@ -19,26 +19,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from skorch.callbacks import Callback
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from skorch.callbacks import Callback  # noqa: E402
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split  # noqa: E402
-from sklearn.pipeline import Pipeline  # noqa: E402
-from sklearn.preprocessing import FunctionTransformer  # noqa: E402
-
-from mnist_dvc.data import load_stored_split  # noqa: E402
-from mnist_dvc.model import configure_torch, resolve_device  # noqa: E402
-from mnist_dvc.params import load_section  # noqa: E402
-from mnist_dvc.skorch_net import build_net  # noqa: E402
-from mnist_dvc.stage import atomic_path, run_stage, write_csv, write_json  # noqa: E402
+from mnist_dvc.data import load_stored_split
+from mnist_dvc.figures import plt, save_png
+from mnist_dvc.model import configure_torch, resolve_device
+from mnist_dvc.params import load_section
+from mnist_dvc.skorch_net import build_net
+from mnist_dvc.stage import run_stage, write_csv, write_json
 
 # params.yaml's tune.grid keys -> the Pipeline's parameter names.
 GRID_KEYS = {"lr": "net__lr", "hidden": "net__module__hidden", "max_epochs": "net__max_epochs"}
-plt.rcParams.update({"font.family": "DejaVu Sans", "font.size": 9})
 
 
 def stratified_subset(images, labels, size: int, seed: int):
@@ -110,9 +106,7 @@ def plot_scores(path: Path, rows: list[dict], title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> None:

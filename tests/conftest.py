@@ -21,13 +21,9 @@ import numpy as np
 import pytest
 import yaml
 
+from mnist_dvc.data import RAW_FILES
+
 REPO = Path(__file__).resolve().parent.parent
-RAW_FILES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
 N_TRAIN = 1500  # of load_digits' 1,797; the other 297 are the test set
 # What a project copy needs to run the pipeline: tracked sources, no data.
 PROJECT_FILES = ["stages", "mnist_dvc", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore",
