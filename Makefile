@@ -26,8 +26,9 @@ setup: $(VENV)/.installed
 repro: $(VENV)/.installed
 	$(BIN)/dvc repro
 
+# -n auto: one pytest-xdist worker per CPU core.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/epoch_speed.py --memory

@@ -85,14 +85,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure_torch(threads: int) -> None:
+def configure_torch(threads: int, device: torch.device | str = "cpu") -> None:
     """Pin the CPU thread count: with the same count, CPU results are bit-identical."""
     torch.set_num_threads(threads)
     # As training converges, some gradients and Adam moments become denormal
     # floats, which x86 CPUs process many times slower: without this, epochs
     # slowed from 1.35 s to 2.2 s on a 2-core CPU. Results were unchanged.
     torch.set_flush_denormal(True)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Only CUDA has non-deterministic kernels for the ops used here. The call
+    # imports torch's compiler stack (1 s of every stage's start-up), so CPU
+    # runs, bit-identical without it, skip it.
+    if torch.device(device).type == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def load_mlp(model_params, path) -> MLP:
+    """The MLP of the ``model:`` section with the weights of a state_dict file, in eval mode.
+
+    Both trainings save a plain state_dict (skorch's ``save_params`` writes
+    ``module_.state_dict()``). ``weights_only=True``: tensors only, never
+    pickled code. A file that is not such a state_dict, or one trained with
+    another ``model:`` section, raises ``pickle.UnpicklingError`` or ``RuntimeError``.
+    """
+    model = build_mlp(model_params, seed=0)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
 
 
 @torch.no_grad()

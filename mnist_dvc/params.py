@@ -13,7 +13,7 @@ instead of silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,6 +24,11 @@ from mnist_dvc.stage import StageError
 PARAMS_FILE = Path("params.yaml")
 MNIST_TRAIN_SIZE = 60_000
 MD5 = Field(pattern=r"^[0-9a-f]{32}$")
+# Constrained types shared by several keys: pydantic checks each item and
+# names it in the error (``tune.grid.lr[1] = -0.1: Input should be greater than 0``).
+LayerSize = Annotated[int, Field(ge=1)]
+LearningRate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+Hidden = Annotated[list[LayerSize], Field(min_length=1)]
 
 
 class Section(BaseModel):
@@ -73,22 +78,15 @@ class PreprocessParams(Section):
 
 
 class ModelParams(Section):
-    hidden: list[int] = Field(min_length=1)
+    hidden: Hidden
     activation: Literal["relu", "tanh", "gelu", "sigmoid"]
     dropout: float = Field(ge=0, lt=1)
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive(cls, hidden: list[int]) -> list[int]:
-        if any(h < 1 for h in hidden):
-            raise ValueError("every hidden layer size must be a positive integer")
-        return hidden
 
 
 class TrainParams(Section):
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0, le=10)
+    lr: LearningRate
     optimizer: Literal["adam", "adamw", "sgd"]
     momentum: float = Field(ge=0, lt=1)
     seed: int = Field(ge=0)
@@ -106,31 +104,10 @@ class PlotParams(Section):
 
 
 class TuneGrid(Section):
-    lr: list[float] = Field(min_length=1)
-    hidden: list[list[int]] = Field(min_length=1)
-    max_epochs: list[int] = Field(min_length=1)
-
-    @field_validator("lr")
-    @classmethod
-    def _lr_positive(cls, lrs: list[float]) -> list[float]:
-        # The bounds of train.lr; written so that .nan fails too.
-        if any(not 0 < lr <= 10 for lr in lrs):
-            raise ValueError("every learning rate must be greater than 0 and at most 10")
-        return lrs
-
-    @field_validator("hidden")
-    @classmethod
-    def _hidden_positive(cls, grid: list[list[int]]) -> list[list[int]]:
-        if any(not h or any(n < 1 for n in h) for h in grid):
-            raise ValueError("each entry must be a non-empty list of positive integers")
-        return grid
-
-    @field_validator("max_epochs")
-    @classmethod
-    def _epochs_positive(cls, epochs: list[int]) -> list[int]:
-        if any(e < 1 for e in epochs):
-            raise ValueError("every max_epochs value must be at least 1")
-        return epochs
+    # The bounds of model.hidden, train.lr and train.epochs, item by item.
+    lr: list[LearningRate] = Field(min_length=1)
+    hidden: list[Hidden] = Field(min_length=1)
+    max_epochs: list[Annotated[int, Field(ge=1, le=1000)]] = Field(min_length=1)
 
 
 class TuneParams(Section):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-from dvclive import Live
 from skorch import NeuralNetClassifier
 from skorch.callbacks import Callback
 from skorch.dataset import Dataset
@@ -68,6 +67,8 @@ class DvcLiveLogger(Callback):
         self.live_dir = live_dir
 
     def on_train_begin(self, net, **kwargs):
+        from dvclive import Live  # imported where used: tune's fits never log
+
         self.live_ = Live(str(self.live_dir), dvcyaml=None, save_dvc_exp=False)
 
     def on_epoch_end(self, net, **kwargs):

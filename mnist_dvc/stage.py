@@ -9,6 +9,12 @@
 - ``atomic_path(path)`` yields a temporary path next to ``path`` and renames
   it over ``path`` only when the block succeeds: a reader never sees a
   half-written output, and a failed stage never replaces a good one.
+  ``atomic_file(path)`` does the same with an open binary file, for savers
+  (``torch.save``, ``np.save``, skorch's ``save_params``) that would otherwise
+  record the temporary file's random name in the bytes they write.
+
+This module imports only the standard library: every stage imports it, and
+a stage's start-up is paid on every run.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 
 class StageError(Exception):
@@ -50,6 +57,18 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[BinaryIO]:
+    """Yield a binary file open for writing; it becomes ``path`` when the block succeeds.
+
+    Savers get a file object, not a path: given a path, ``torch.save`` names
+    the archive inside after the (random) temporary file, and the bytes would
+    differ between two identical runs.
+    """
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        yield f
 
 
 def write_json(path: Path | str, data) -> None:

@@ -1,11 +1,17 @@
 """evaluate: both trained models on the 10,000 test images.
 
-In:  data/processed/test.pt; models/mlp.pt; models/skorch_params.pt;
+In:  data/processed/test_*.npy; models/mlp.pt; models/skorch_params.pt;
      params.yaml ``model`` and ``evaluate``.
 Out: metrics/evaluate.json   {"manual": {accuracy, loss, macro_f1}, "skorch": {...}}
      metrics/classification_report.json   per-class precision/recall/F1 of each model
      metrics/predictions/{manual,skorch}.csv   actual,predicted per test image, in
      test-set order (DVC's confusion-matrix data; plot reads it for the digit grid)
+
+Both files are state_dicts of the same MLP (skorch's ``save_params`` writes
+``module_.state_dict()``), so both load through ``load_mlp`` without importing
+skorch; ``tests/test_training.py`` checks that skorch's own ``load_params``
+gives the same logits. Both models are loaded and checked before anything is
+written: a refused file leaves the previous outputs untouched.
 """
 
 from __future__ import annotations
@@ -14,26 +20,28 @@ import argparse
 import pickle
 from pathlib import Path
 
-import torch
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from mnist_dvc.data import load_split
-from mnist_dvc.model import build_mlp, loss_and_accuracy, predict_logits
+from mnist_dvc.model import load_mlp, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
-from mnist_dvc.skorch_net import load_net
 from mnist_dvc.stage import StageError, run_stage, write_csv, write_json
 
-
-def manual_logits(model_params, path: Path, images, batch_size) -> torch.Tensor:
-    """Logits of the explicit loop's model, loaded as a state_dict with weights_only=True."""
-    model = build_mlp(model_params, seed=0)
-    model.load_state_dict(torch.load(path, weights_only=True))
-    return predict_logits(model, images, batch_size)
+# metrics/evaluate.json's keys, and the stage that trains each model.
+TRAINED_BY = {"manual": "train", "skorch": "fit"}
 
 
-def skorch_logits(model_params, path: Path, images, batch_size) -> torch.Tensor:
-    """Logits of the skorch model: ``forward`` returns the module's raw output."""
-    return load_net(model_params, path, batch_size).forward(images)
+def load_model(name: str, model_params, path: Path):
+    """Load one trained model, or raise a StageError that says which file and what to do."""
+    if not path.exists():
+        raise StageError(f"{path}: model not found (run the {TRAINED_BY[name]} stage)")
+    try:
+        return load_mlp(model_params, path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        # weights_only=True refuses anything but tensors; a size mismatch
+        # means the model section changed since the model was trained.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StageError(f"{path}: refused to load as {name} model weights: {reason}") from None
 
 
 def scores(logits, labels) -> tuple[dict, dict]:
@@ -58,25 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predictions", type=Path, default=Path("metrics/predictions"))
     args = parser.parse_args(argv)
     model_params, params = load_section("model"), load_section("evaluate")
+    models = {name: load_model(name, model_params, getattr(args, name)) for name in TRAINED_BY}
     images, labels = load_split(args.data, "test")
-    loaders = {"manual": (manual_logits, args.manual), "skorch": (skorch_logits, args.skorch)}
-    metrics, reports = {}, {}
-    for name, (logits_of, path) in loaders.items():
-        if not path.exists():
-            raise StageError(f"{path}: model not found (run the {'train' if name == 'manual' else 'fit'} stage)")
-        try:
-            logits = logits_of(model_params, path, images, params.batch_size)
-        except (pickle.UnpicklingError, RuntimeError) as exc:
-            # weights_only=True refuses anything but tensors; a size mismatch
-            # means the model section changed since the model was trained.
-            reason = str(exc).strip().splitlines()[0]
-            raise StageError(f"{path}: refused to load as {name} model weights: {reason}") from None
+    metrics, reports, predicted = {}, {}, {}
+    for name, model in models.items():
+        logits = predict_logits(model, images, params.batch_size)
         metrics[name], reports[name] = scores(logits, labels)
-        # actual,predicted per test image, in test-set order: DVC's confusion template.
-        predicted = logits.argmax(dim=1)
-        write_csv(args.predictions / f"{name}.csv", ["actual", "predicted"],
-                  zip(labels.tolist(), predicted.tolist()))
+        predicted[name] = logits.argmax(dim=1).tolist()
         print(f"{name}: " + "  ".join(f"test/{k} {v:.4f}" for k, v in metrics[name].items()))
+    for name in models:
+        # actual,predicted per test image, in test-set order: DVC's confusion template.
+        write_csv(args.predictions / f"{name}.csv", ["actual", "predicted"], zip(labels.tolist(), predicted[name]))
     write_json(args.report, reports)
     write_json(args.metrics, metrics)
 

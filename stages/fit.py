@@ -19,7 +19,7 @@ from mnist_dvc.data import load_split
 from mnist_dvc.model import configure_torch, resolve_device
 from mnist_dvc.params import load_section
 from mnist_dvc.skorch_net import DvcLiveLogger, build_net
-from mnist_dvc.stage import atomic_path, run_stage
+from mnist_dvc.stage import atomic_file, run_stage
 
 
 def fit(model_params, train_params, train_split, val_split, live_dir=None):
@@ -44,10 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", type=Path, default=Path("metrics/fit"))
     args = parser.parse_args(argv)
     model_params, train_params = load_section("model"), load_section("train")
-    configure_torch(train_params.threads)
+    configure_torch(train_params.threads, resolve_device(train_params.device))
     net = fit(model_params, train_params, load_split(args.data, "train"), load_split(args.data, "val"), args.live)
-    # A file object, as in train.py, so the bytes do not depend on the temporary name.
-    with atomic_path(args.model) as tmp, tmp.open("wb") as f:
+    with atomic_file(args.model) as f:
         net.save_params(f_params=f)
 
 

@@ -1,7 +1,7 @@
 """plot: the pictures people would rather look at than read, as PNGs.
 
 In:  metrics/{train,fit}/plots/ (per-epoch curves); metrics/evaluate.json;
-     metrics/predictions/{manual,skorch}.csv; data/processed/test.pt;
+     metrics/predictions/{manual,skorch}.csv; data/processed/test_images.npy;
      params.yaml ``plot``.
 Out: plots/loss_curves.png         training loss (and validation accuracy) per epoch, both trainings
      plots/confusion_matrices.png  a heatmap per model
@@ -9,7 +9,8 @@ Out: plots/loss_curves.png         training loss (and validation accuracy) per e
      plots/accuracy.png            test accuracy, explicit loop vs skorch
 
 Fixed figure sizes, drawn and saved through mnist_dvc/figures.py (headless,
-bundled font, no timestamp): the same inputs give the same bytes.
+bundled font, no timestamp): the same inputs give the same bytes. Drawing
+needs no torch, so this stage never imports it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from mnist_dvc.data import load_split
+from mnist_dvc.data import load_stored_split
 from mnist_dvc.figures import plt, save_png
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import run_stage
@@ -116,13 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section("plot")
     evaluation = json.loads((args.metrics / "evaluate.json").read_text())
     predictions = {n: read_predictions(args.metrics / "predictions" / f"{n}.csv") for n in TRAININGS}
-    images, _ = load_split(args.data, "test")
+    images, _ = load_stored_split(args.data, "test")
     live_dirs = {"manual": args.metrics / "train", "skorch": args.metrics / "fit"}
 
     save_png(loss_curves(live_dirs), args.out / "loss_curves.png", params.dpi)
     save_png(confusion_matrices(predictions), args.out / "confusion_matrices.png", params.dpi)
     actual, predicted = predictions["manual"]
-    grid = misclassified(images.numpy(), actual, predicted, predictions["skorch"][1], params.misclassified)
+    grid = misclassified(np.divide(images, 255, dtype=np.float32), actual, predicted, predictions["skorch"][1], params.misclassified)
     save_png(grid, args.out / "misclassified.png", params.dpi)
     save_png(accuracy_bars(evaluation), args.out / "accuracy.png", params.dpi)
 

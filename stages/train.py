@@ -29,7 +29,7 @@ from mnist_dvc.model import (
     resolve_device,
 )
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import atomic_path, run_stage
+from mnist_dvc.stage import atomic_file, run_stage
 
 
 def train_epoch(model, optimizer, images, labels, batch_size, generator, desc="") -> float:
@@ -87,14 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", type=Path, default=Path("metrics/train"))
     args = parser.parse_args(argv)
     model_params, train_params = load_section("model"), load_section("train")
-    configure_torch(train_params.threads)
+    configure_torch(train_params.threads, resolve_device(train_params.device))
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
     with Live(str(args.live), dvcyaml=None, save_dvc_exp=False) as live:
         model = train(model_params, train_params, train_split, val_split, live)
     state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
-    # A file object, not the path: torch.save would name the archive after
-    # the random temporary file name and the bytes would differ between runs.
-    with atomic_path(args.model) as tmp, tmp.open("wb") as f:
+    with atomic_file(args.model) as f:
         torch.save(state, f)
 
 

@@ -4,6 +4,11 @@ The tiny MNIST is scikit-learn's bundled ``load_digits`` (1,797 real
 handwritten digits, 8x8), upscaled to 28x28 and written as the four gzipped
 IDX files, so every stage runs on real-looking data in a second or two and
 no test needs the network or ../shared.
+
+``make test`` runs the suite in parallel (pytest-xdist, one worker per core).
+The fixture mirror and the reproduced project are built once per run, by the
+first worker that needs them, under a file lock; tests that change the
+project work on their own copy.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from filelock import FileLock
 
 from mnist_dvc.data import RAW_FILES
 
@@ -81,11 +87,40 @@ def write_mirror(folder: Path, arrays: dict[str, np.ndarray] | None = None) -> d
     return {key: md5_of(folder / name) for key, name in RAW_FILES.items()}
 
 
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once per test run, whichever xdist worker asks first; the folder.
+
+    Under pytest-xdist every worker has its own basetemp below one shared
+    parent: the folder lives in that parent, and a lock makes the others wait
+    for the first build instead of repeating it.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (root / f"{name}.done").touch()
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """In-process training uses one torch thread, as every stage does (``train.threads: 1``):
+    two xdist workers on two cores must not each start a pool of two threads."""
+    from mnist_dvc.model import configure_torch
+
+    configure_torch(1)
+
+
 @pytest.fixture(scope="session")
 def mirror(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A folder holding the tiny MNIST as the four official file names, and their md5s."""
-    folder = tmp_path_factory.mktemp("mirror")
-    return folder, write_mirror(folder)
+    folder = shared_once(tmp_path_factory, "mirror", write_mirror)
+    return folder, {key: md5_of(folder / name) for key, name in RAW_FILES.items()}
 
 
 def set_key(params: dict, dotted: str, value) -> None:
@@ -142,9 +177,11 @@ def run_stage_script(name: str, *args: str, cwd: Path, check: bool = True, **kwa
 
 @pytest.fixture
 def prepared(workdir) -> Path:
-    """``workdir`` after the download and preprocess stages: data/processed exists."""
-    run_stage_script("download", cwd=workdir)
-    run_stage_script("preprocess", cwd=workdir)
+    """``workdir`` after the download and preprocess stages (run in-process): data/processed exists."""
+    from stages import download, preprocess
+
+    download.main([])
+    preprocess.main([])
     return workdir
 
 
@@ -195,18 +232,26 @@ def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
+# The reproduced project trains at the defaults (5 epochs, batch 64, the
+# tutorial's MLP) on all training images, like `make repro`: no validation split.
+REPRODUCED_OVERRIDES = {"preprocess__val_size": 0, "train__epochs": 5}
+
+
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory, mirror) -> Path:
     """A project repository after one full `dvc repro` and a commit of its results.
 
-    Tests that change it copy it first (``copy_project``).
+    Built once per test run and shared by every worker: tests that change it
+    copy it first (``copy_project``).
     """
-    repo = make_project(tmp_path_factory.mktemp("reproduced") / "repo", mirror)
-    result = dvc("repro", cwd=repo)
-    repo.parent.joinpath("repro-output.txt").write_text(result.stdout)
-    sh("git", "add", "-A", cwd=repo)
-    sh("git", "commit", "-q", "-m", "results", cwd=repo)
-    return repo
+    def build(folder: Path) -> None:
+        repo = make_project(folder / "repo", mirror, **REPRODUCED_OVERRIDES)
+        result = dvc("repro", cwd=repo)
+        folder.joinpath("repro-output.txt").write_text(result.stdout)
+        sh("git", "add", "-A", cwd=repo)
+        sh("git", "commit", "-q", "-m", "results", cwd=repo)
+
+    return shared_once(tmp_path_factory, "reproduced", build) / "repo"
 
 
 @pytest.fixture
@@ -217,3 +262,16 @@ def copy_project(tmp_path, reproduced):
         shutil.copytree(reproduced, dest, symlinks=True)
         return dest
     return _copy
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, start the shared `dvc repro` (the ``reproduced`` fixture) first.
+
+    One test that needs it goes first, so that one worker builds it while
+    the others run the tests that do not; the rest of the tests that need it
+    go last, when it is ready, instead of making a worker wait for it.
+    """
+    needs = [item for item in items if "reproduced" in getattr(item, "fixturenames", ())]
+    if needs:
+        others = [item for item in items if item not in needs]
+        items[:] = needs[:1] + others + needs[1:]

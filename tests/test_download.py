@@ -51,7 +51,7 @@ class Mirrors:
     """One HTTP server; URL ``/<mirror>/<file>`` is ``<file>`` on mirror ``<mirror>``.
 
     ``plan[(mirror, file)]`` is a list of behaviours, one per attempt (the last
-    one repeats); without a plan the file is served. Behaviours: "ok", 404, 500,
+    one repeats); without a plan the file is served. Behaviours: "ok", 403, 404, 500,
     "stall" (headers and a little of the body, then silence), "stall-headers"
     (no response at all), "truncate" (Content-Length says more than is sent,
     then the connection closes), "truncate-no-length", "truncate-chunked", and
@@ -93,8 +93,8 @@ class Mirrors:
         h.close_connection = True
         if body is None or behaviour == 404:
             h.send_error(404, "Not Found")
-        elif behaviour == 500:
-            h.send_error(500, "Internal Server Error")
+        elif behaviour in (403, 500):
+            h.send_error(behaviour)
         elif behaviour == "stall-headers":
             self.release.wait(10 * TIMEOUT)
         elif isinstance(behaviour, bytes):
@@ -332,7 +332,9 @@ def test_corrupt_file_in_file_mirror_is_rejected_and_nothing_is_left(stage, mirr
     expected, actual = stage.md5["test_labels"], md5_of(corrupt / TEST_LABELS)
     url = corrupt.as_uri() + "/" + TEST_LABELS
     assert message.startswith(f"could not download {TEST_LABELS} from any mirror:\n")
-    assert f"{url} (attempt 2/2): md5 mismatch: expected {expected}, got {actual}" in message
+    # A local file does not change: one attempt, not the two that download.retries allows.
+    assert f"{url} (attempt 1/2): md5 mismatch: expected {expected}, got {actual} (not retried" in message
+    assert "attempt 2/2" not in message
     assert_only_verified_files(stage.out, stage.md5, [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES])
 
 
@@ -340,6 +342,7 @@ def test_missing_file_mirror_folder_is_reported(stage, tmp_path):
     missing = tmp_path / "no-such-folder"
     message = stage_error(stage, [missing.as_uri() + "/"])
     assert f"{missing.as_uri()}/{TRAIN_IMAGES} (attempt 1/2): FileNotFoundError" in message
+    assert "attempt 2/2" not in message  # a missing local file is not retried
     assert not stage.out.exists() or list(stage.out.iterdir()) == []
 
 
@@ -347,24 +350,31 @@ def test_all_mirrors_failing_is_one_error_listing_every_url_and_reason(stage, se
     server.plan[("a", TEST_IMAGES)] = [404]
     server.plan[("b", TEST_IMAGES)] = [500]
     server.plan[("c", TEST_IMAGES)] = [b"not the file"]
-    mirrors = [server.url("a"), refused_url, server.url("b"), server.url("c"), (tmp_path / "none").as_uri() + "/"]
+    server.plan[("d", TEST_IMAGES)] = [403]
+    mirrors = [server.url("a"), refused_url, server.url("b"), server.url("c"), server.url("d"),
+               (tmp_path / "none").as_uri() + "/"]
     message = stage_error(stage, mirrors)
     lines = message.splitlines()
     assert lines[0] == f"could not download {TEST_IMAGES} from any mirror:"
+    not_retried = " (not retried: a retry would give the same)"
     expected = [
-        (server.url("a"), 1, "HTTP 404 Not Found"),
+        (server.url("a"), 1, "HTTP 404 Not Found" + not_retried),
         (refused_url, 1, "ConnectionRefusedError"),
         (refused_url, 2, "ConnectionRefusedError"),
         (server.url("b"), 1, "HTTP 500 Internal Server Error"),
         (server.url("b"), 2, "HTTP 500 Internal Server Error"),
+        # Over HTTP a wrong body may be a passing fault (a proxy, a partial sync): retried.
         (server.url("c"), 1, f"md5 mismatch: expected {stage.md5['test_images']}, got {hashlib.md5(b'not the file').hexdigest()}"),
         (server.url("c"), 2, "md5 mismatch"),
+        (server.url("d"), 1, "HTTP 403 Forbidden" + not_retried),
         ((tmp_path / "none").as_uri() + "/", 1, "FileNotFoundError"),
-        ((tmp_path / "none").as_uri() + "/", 2, "FileNotFoundError"),
     ]
-    assert len(lines) == 1 + len(expected), message
+    assert len(lines) == 1 + len(expected) + 1, message
     for line, (mirror_url, attempt, reason) in zip(lines[1:], expected):
         assert line.startswith(f"  {mirror_url}{TEST_IMAGES} (attempt {attempt}/2): {reason}"), line
+    assert lines[-2].endswith(not_retried)  # the missing local file
+    # The last line says what to do without internet, and where the README explains it.
+    assert lines[-1].startswith("No internet? ") and 'README.md, section "No internet?"' in lines[-1]
     assert_only_verified_files(stage.out, stage.md5, [TRAIN_IMAGES, TRAIN_LABELS])
 
 
@@ -380,12 +390,13 @@ def test_all_mirrors_failing_as_a_script_exits_1_with_one_error_and_no_traceback
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: could not download {TEST_IMAGES} from any mirror:\n"), result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 + 1 + 2 + 2, result.stderr  # the headline, then one line per attempt
+    assert len(lines) == 1 + 1 + 2 + 2 + 1, result.stderr  # the headline, one line per attempt, the hint
     assert f"{server.url('a')}{TEST_IMAGES} (attempt 1/2): HTTP 404 Not Found" in lines[1]
     assert all(f"{refused_url}{TEST_IMAGES} (attempt {i}/2): ConnectionRefusedError" in lines[1 + i] for i in (1, 2))
     bad = hashlib.md5(b"wrong bytes").hexdigest()
     assert all(f"{server.url('b')}{TEST_IMAGES} (attempt {i}/2): md5 mismatch: expected {md5['test_images']}, got {bad}"
                in lines[3 + i] for i in (1, 2))
+    assert lines[-1].startswith("No internet? ")
     assert re.findall(r"^\S+: md5 [0-9a-f]{32} verified$", result.stdout, re.M) == [
         f"{TRAIN_IMAGES}: md5 {md5['train_images']} verified", f"{TRAIN_LABELS}: md5 {md5['train_labels']} verified"
     ]

@@ -22,8 +22,9 @@ REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 GOOD_MD5 = "f68b3c2dcbeaaa9fbdd348bbdeb94873"
 
 # (dotted key, bad value, substrings the one-line message must contain besides
-# "<key> = <value!r>"). Every key of every section appears at least once; see
-# test_every_key_of_every_section_has_a_bad_value_case.
+# "<key> = <value!r>" [, what the message names instead when one item of a list
+# is wrong: "<key>[i] = <item!r>"]). Every key of every section appears at
+# least once; see test_every_key_of_every_section_has_a_bad_value_case.
 BAD_VALUES = [
     # download
     ("download.mirrors", [], ["at least 1 item"]),
@@ -58,7 +59,8 @@ BAD_VALUES = [
     ("preprocess.seed", 1.5, ["valid integer"]),
     # model
     ("model.hidden", [], ["at least 1 item"]),
-    ("model.hidden", [128, 0], ["every hidden layer size must be a positive integer"]),
+    ("model.hidden", [128, 0], ["greater than or equal to 1"], "model.hidden[1] = 0"),
+    ("model.hidden", [128, 1.5], ["valid integer"], "model.hidden[1] = 1.5"),
     ("model.hidden", 128, ["valid list"]),
     ("model.activation", "softmax", ["'relu', 'tanh', 'gelu' or 'sigmoid'"]),
     ("model.dropout", 1.0, ["less than 1"]),
@@ -71,6 +73,7 @@ BAD_VALUES = [
     ("train.lr", 0, ["greater than 0"]),
     ("train.lr", 11, ["less than or equal to 10"]),
     ("train.lr", "0.001", ["valid number"]),
+    ("train.lr", float("nan"), ["finite number"]),
     ("train.optimizer", "rmsprop", ["'adam', 'adamw' or 'sgd'"]),
     ("train.momentum", 1.0, ["less than 1"]),
     ("train.seed", -1, ["greater than or equal to 0"]),
@@ -93,15 +96,16 @@ BAD_VALUES = [
     ("tune.seed", -1, ["greater than or equal to 0"]),
     ("tune.grid", [0.001], ["valid dictionary"]),
     ("tune.grid.lr", [], ["at least 1 item"]),
-    ("tune.grid.lr", [0.001, -0.1], ["every learning rate must be greater than 0"]),
-    ("tune.grid.lr", [0.001, 0], ["every learning rate must be greater than 0"]),
-    ("tune.grid.lr", [0.001, 11.0], ["at most 10"]),  # the bounds of train.lr
-    ("tune.grid.lr", [float("nan")], ["greater than 0 and at most 10"]),
-    ("tune.grid.lr", [float("inf")], ["greater than 0 and at most 10"]),
+    # Each item is checked with the bounds of the key it stands for, and named by its index.
+    ("tune.grid.lr", [0.001, -0.1], ["greater than 0"], "tune.grid.lr[1] = -0.1"),
+    ("tune.grid.lr", [0.001, 0], ["greater than 0"], "tune.grid.lr[1] = 0"),
+    ("tune.grid.lr", [0.001, 11.0], ["less than or equal to 10"], "tune.grid.lr[1] = 11.0"),  # train.lr's bounds
+    ("tune.grid.lr", [float("nan")], ["finite number"], "tune.grid.lr[0] = nan"),
+    ("tune.grid.lr", [float("inf")], ["finite number"], "tune.grid.lr[0] = inf"),
     ("tune.grid.hidden", [], ["at least 1 item"]),
-    ("tune.grid.hidden", [[128], []], ["each entry must be a non-empty list of positive integers"]),
-    ("tune.grid.hidden", [[128, 0]], ["each entry must be a non-empty list of positive integers"]),
-    ("tune.grid.max_epochs", [5, 0], ["every max_epochs value must be at least 1"]),
+    ("tune.grid.hidden", [[128], []], ["at least 1 item"], "tune.grid.hidden[1] = []"),
+    ("tune.grid.hidden", [[128, 0]], ["greater than or equal to 1"], "tune.grid.hidden[0][1] = 0"),
+    ("tune.grid.max_epochs", [5, 0], ["greater than or equal to 1"], "tune.grid.max_epochs[1] = 0"),
     ("tune.grid.max_epochs", [], ["at least 1 item"]),
 ]
 
@@ -156,20 +160,22 @@ def test_repo_params_yaml_has_exactly_the_schema_sections():
 
 
 def test_every_key_of_every_section_has_a_bad_value_case():
-    covered = {key for key, _, _ in BAD_VALUES}
+    covered = {case[0] for case in BAD_VALUES}
     assert set(SCHEMA_KEYS) - covered == set()
     assert covered - set(SCHEMA_KEYS) == set()  # and no case names a key the schema lacks
 
 
 @pytest.mark.parametrize(
-    "key, value, expected", BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES]
+    "key, value, expected, named", [(*case, None)[:4] for case in BAD_VALUES],
+    ids=[f"{case[0]}={case[1]!r}" for case in BAD_VALUES],
 )
-def test_bad_value_is_rejected_with_one_line_naming_key_value_and_what_is_allowed(tmp_path, key, value, expected):
+def test_bad_value_is_rejected_with_one_line_naming_key_value_and_what_is_allowed(
+        tmp_path, key, value, expected, named):
     path = with_value(tmp_path, key, value)
     message = load_error(path, key.split(".")[0])
     assert "\n" not in message
     assert message.startswith(f"{path}: ")
-    assert f"{key} = {value!r}: " in message
+    assert f"{named or f'{key} = {value!r}'}: " in message
     for part in expected:
         assert part in message
 

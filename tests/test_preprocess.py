@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import N_TRAIN, RAW_FILES, tiny_mnist_arrays, write_idx, write_mirror, write_params
-from mnist_dvc.data import load_split
+from mnist_dvc.data import load_split, load_stored_split, split_paths
 from mnist_dvc.stage import StageError
 from stages import preprocess
 
@@ -42,12 +42,16 @@ def project(tmp_path, monkeypatch):
     return run
 
 
-def load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)
+SPLIT_FILES = sorted(f"{split}_{part}.npy" for split in ("train", "val", "test") for part in ("images", "labels"))
 
 
-def digest(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
+def load(out: Path, split: str) -> dict[str, np.ndarray]:
+    images, labels = load_stored_split(out, split)
+    return {"images": images, "labels": labels}
+
+
+def digest(out: Path, split: str) -> str:
+    return hashlib.md5(b"".join(path.read_bytes() for path in split_paths(out, split))).hexdigest()
 
 
 def row_keys(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
@@ -61,31 +65,30 @@ def test_writes_three_splits_as_uint8_images_and_int64_labels(project):
     out = project(preprocess__val_size=200)
     sizes = {"train": N_TRAIN - 200, "val": 200, "test": N_TEST}
     for split, size in sizes.items():
-        tensors = load(out / f"{split}.pt")
-        assert set(tensors) == {"images", "labels"}
-        assert tensors["images"].dtype == torch.uint8
+        tensors = load(out, split)
+        assert tensors["images"].dtype == np.uint8
         assert tensors["images"].shape == (size, 28, 28)
-        assert tensors["labels"].dtype == torch.int64
+        assert tensors["labels"].dtype == np.int64
         assert tensors["labels"].shape == (size,)
         assert 0 <= int(tensors["labels"].min()) and int(tensors["labels"].max()) <= 9
-    assert sorted(p.name for p in out.iterdir()) == ["test.pt", "train.pt", "val.pt"]  # no temporary files
+    assert sorted(p.name for p in out.iterdir()) == SPLIT_FILES  # no temporary files
 
 
 def test_train_and_val_partition_the_training_set_and_test_is_unchanged(project):
     out = project(preprocess__val_size=200)
-    train, val, test = (load(out / f"{s}.pt") for s in ("train", "val", "test"))
-    together_x = np.concatenate([train["images"].numpy(), val["images"].numpy()])
-    together_y = np.concatenate([train["labels"].numpy(), val["labels"].numpy()])
+    train, val, test = (load(out, s) for s in ("train", "val", "test"))
+    together_x = np.concatenate([train["images"], val["images"]])
+    together_y = np.concatenate([train["labels"], val["labels"]])
     assert row_keys(together_x, together_y) == row_keys(ARRAYS["train_images"], ARRAYS["train_labels"])
-    assert np.array_equal(test["images"].numpy(), ARRAYS["test_images"])
-    assert np.array_equal(test["labels"].numpy(), ARRAYS["test_labels"])
+    assert np.array_equal(test["images"], ARRAYS["test_images"])
+    assert np.array_equal(test["labels"], ARRAYS["test_labels"])
 
 
 @pytest.mark.parametrize("val_size, expected", [(200, 200), (0.1, 150), (0.25, 375)])
 def test_val_split_has_the_configured_size_and_is_stratified(project, val_size, expected):
     out = project(preprocess__val_size=val_size)
-    val_labels = load(out / "val.pt")["labels"].numpy()
-    train_labels = load(out / "train.pt")["labels"].numpy()
+    val_labels = load(out, "val")["labels"]
+    train_labels = load(out, "train")["labels"]
     assert len(val_labels) == expected and len(train_labels) == N_TRAIN - expected
     all_counts = np.bincount(ARRAYS["train_labels"], minlength=10)
     val_counts = np.bincount(val_labels, minlength=10)
@@ -98,30 +101,30 @@ def test_same_seed_gives_byte_identical_outputs(project):
     first = project(out="a", metrics="a.json", preprocess__val_size=200, preprocess__seed=7)
     second = project(out="b", metrics="b.json", preprocess__val_size=200, preprocess__seed=7)
     for split in ("train", "val", "test"):
-        assert digest(first / f"{split}.pt") == digest(second / f"{split}.pt")
+        assert digest(first, split) == digest(second, split)
     assert (project.root / "a.json").read_bytes() == (project.root / "b.json").read_bytes()
 
 
 def test_different_seed_gives_a_different_split(project):
     first = project(out="a", preprocess__val_size=200, preprocess__seed=7)
     second = project(out="b", preprocess__val_size=200, preprocess__seed=8)
-    val_a, val_b = load(first / "val.pt"), load(second / "val.pt")
-    keys_a = set(row_keys(val_a["images"].numpy(), val_a["labels"].numpy()))
-    keys_b = set(row_keys(val_b["images"].numpy(), val_b["labels"].numpy()))
+    val_a, val_b = load(first, "val"), load(second, "val")
+    keys_a = set(row_keys(val_a["images"], val_a["labels"]))
+    keys_b = set(row_keys(val_b["images"], val_b["labels"]))
     assert keys_a != keys_b
     # Both are still stratified: the per-class counts are the same.
-    assert np.array_equal(np.bincount(val_a["labels"].numpy(), minlength=10),
-                          np.bincount(val_b["labels"].numpy(), minlength=10))
+    assert np.array_equal(np.bincount(val_a["labels"], minlength=10),
+                          np.bincount(val_b["labels"], minlength=10))
 
 
 def test_val_size_zero_writes_an_empty_val_split_and_keeps_all_training_images(project):
     out = project(preprocess__val_size=0)
-    val = load(out / "val.pt")
-    assert val["images"].shape == (0, 28, 28) and val["images"].dtype == torch.uint8
-    assert val["labels"].shape == (0,) and val["labels"].dtype == torch.int64
-    train = load(out / "train.pt")
-    assert np.array_equal(train["images"].numpy(), ARRAYS["train_images"])
-    assert np.array_equal(train["labels"].numpy(), ARRAYS["train_labels"])
+    val = load(out, "val")
+    assert val["images"].shape == (0, 28, 28) and val["images"].dtype == np.uint8
+    assert val["labels"].shape == (0,) and val["labels"].dtype == np.int64
+    train = load(out, "train")
+    assert np.array_equal(train["images"], ARRAYS["train_images"])
+    assert np.array_equal(train["labels"], ARRAYS["train_labels"])
     images, labels = load_split(out, "val")
     assert images.shape == (0, 28, 28) and labels.shape == (0,)
 
@@ -131,7 +134,7 @@ def test_metrics_json_counts_images_per_split_and_per_class(project):
     metrics = json.loads((project.root / "metrics" / "data.json").read_text())
     assert set(metrics) == {"train", "val", "test"}
     for split in ("train", "val", "test"):
-        labels = load(out / f"{split}.pt")["labels"].numpy()
+        labels = load(out, split)["labels"]
         expected = {str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=10))}
         assert metrics[split] == {"count": len(labels), "per_class": expected}
     assert metrics["train"]["count"] + metrics["val"]["count"] == N_TRAIN
@@ -141,7 +144,7 @@ def test_metrics_json_counts_images_per_split_and_per_class(project):
 def test_load_split_returns_float32_in_0_1_and_int64_labels(project):
     out = project(preprocess__val_size=200)
     images, labels = load_split(out, "train")
-    raw = load(out / "train.pt")["images"]
+    raw = torch.from_numpy(load(out, "train")["images"])
     assert images.dtype == torch.float32 and labels.dtype == torch.int64
     assert images.shape == raw.shape
     assert float(images.min()) == 0.0 and float(images.max()) == 1.0
@@ -149,7 +152,15 @@ def test_load_split_returns_float32_in_0_1_and_int64_labels(project):
 
 
 def test_load_split_of_a_missing_split_says_to_run_preprocess(tmp_path):
-    with pytest.raises(StageError, match=r"train\.pt: not found \(run the preprocess stage first\)"):
+    with pytest.raises(StageError, match=r"train_images\.npy: not found \(run the preprocess stage first\)"):
+        load_split(tmp_path, "train")
+
+
+def test_a_split_file_holding_pickled_objects_is_refused_without_unpickling(tmp_path):
+    images_path, labels_path = split_paths(tmp_path, "train")
+    np.save(images_path, np.zeros((2, 28, 28), np.uint8))
+    np.save(labels_path, np.array([{"not": "an array"}, 1], dtype=object), allow_pickle=True)
+    with pytest.raises(StageError, match=r"train_labels\.npy: not a NumPy array file .*rerun the preprocess stage"):
         load_split(tmp_path, "train")
 
 
@@ -274,10 +285,10 @@ def test_count_mismatch_names_both_files(project):
 
 def test_failed_run_keeps_the_previous_good_outputs(project):
     out = project(preprocess__val_size=200)
-    before = {split: digest(out / f"{split}.pt") for split in ("train", "val", "test")}
+    before = {split: digest(out, split) for split in ("train", "val", "test")}
     label_out_of_range(project.raw)
     with pytest.raises(StageError):
         project(preprocess__val_size=200)
-    assert {split: digest(out / f"{split}.pt") for split in ("train", "val", "test")} == before
-    assert sorted(p.name for p in out.iterdir()) == ["test.pt", "train.pt", "val.pt"]
+    assert {split: digest(out, split) for split in ("train", "val", "test")} == before
+    assert sorted(p.name for p in out.iterdir()) == SPLIT_FILES
 

@@ -15,6 +15,7 @@ import torch
 
 from conftest import dvc, run_stage_script, stage_command, stage_env, tool_env, write_params
 from mnist_dvc.model import MLP
+from stages import train as train_stage
 
 
 class CodeOnLoad:
@@ -61,7 +62,7 @@ def epochs_logged(folder: Path) -> int:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_train_stage_keeps_the_previous_model_and_leaves_no_partial_file(prepared, mirror, sig):
-    run_stage_script("train", cwd=prepared)
+    train_stage.main([])  # a good model first (in-process: only the interrupted run needs its own process)
     good = (prepared / "models/mlp.pt").read_bytes()
     folder, md5 = mirror
     write_params(prepared, folder.as_uri() + "/", md5, train__epochs=1000)

@@ -117,7 +117,8 @@ def test_push_to_s3_then_a_fresh_clone_pulls_every_output_and_reproduces_nothing
 
 # --- experiments travel through a git remote and the S3 remote ------------------------
 
-def test_exp_push_and_exp_pull_share_an_experiment_without_retraining(copy_project, s3_remote, tmp_path):
+def test_exp_run_is_listed_by_exp_show_and_exp_push_and_pull_share_it_without_retraining(
+        copy_project, s3_remote, tmp_path):
     repo = copy_project()
     add_s3_remote(repo, s3_remote)
     origin = tmp_path / "origin.git"
@@ -126,7 +127,14 @@ def test_exp_push_and_exp_pull_share_an_experiment_without_retraining(copy_proje
     sh("git", "push", "-q", "origin", "main", cwd=repo, timeout=120)
 
     run = dvc("exp", "run", "-S", "train.lr=0.005", "-n", "shared-exp", cwd=repo, timeout=600)
-    assert {"train", "fit", "evaluate"} <= ran_stages(run.stdout), run.stdout
+    assert ran_stages(run.stdout) == {"train", "fit", "evaluate", "plot"}, run.stdout
+    # `dvc exp show` lists the experiment with its params and metrics...
+    listed = [exp for exp in experiments(repo) if exp.get("name") == "shared-exp"]
+    assert listed, experiments(repo)
+    assert listed[0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.005
+    evaluation = listed[0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
+    assert evaluation == json.loads((repo / "metrics/evaluate.json").read_text())
+    assert 0 < evaluation["manual"]["accuracy"] <= 1 and 0 < evaluation["skorch"]["accuracy"] <= 1
     expected = {path: tree(repo / path) for path in lock_outs(repo)}
     assert not s3_remote.keys(), "nothing was pushed before `dvc exp push`"
     push = dvc("exp", "push", "origin", "shared-exp", cwd=repo, timeout=300)

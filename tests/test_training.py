@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_stage_script
+from pathlib import Path
+
 from mnist_dvc.data import load_split
-from mnist_dvc.model import MLP, build_mlp, loss_and_accuracy, predict_logits
+from mnist_dvc.model import MLP, build_mlp, load_mlp, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
 from mnist_dvc.skorch_net import build_net, load_net
 from stages import fit as fit_stage
@@ -85,22 +86,23 @@ def test_skorch_fit_and_explicit_loop_learn_bit_identical_weights(prepared):
         assert torch.equal(a, b), name
 
 
+def run_main(stage, folder: Path, name: str) -> Path:
+    """Run a training stage's ``main`` in-process with its outputs named ``name``; the model file."""
+    model = folder / f"models/{name}.pt"
+    stage.main(["--model", str(model), "--live", str(folder / f"metrics/{name}")])
+    return model
+
+
 def test_rerunning_train_and_fit_gives_byte_identical_model_files(prepared):
-    outputs = {}
-    for attempt in (1, 2):
-        for stage in ("train", "fit"):
-            model = prepared / f"{stage}-{attempt}.pt"
-            run_stage_script(stage, "--model", str(model), "--live", str(prepared / f"live-{stage}-{attempt}"),
-                             cwd=prepared)
-            outputs[stage, attempt] = model.read_bytes()
-    assert outputs["train", 1] == outputs["train", 2]
-    assert outputs["fit", 1] == outputs["fit", 2]
+    for stage in (train_stage, fit_stage):
+        first, second = (run_main(stage, prepared, f"{stage.__name__}-{i}").read_bytes() for i in (1, 2))
+        assert first == second, stage.__name__
 
 
 def test_train_logs_each_epoch_with_dvclive(prepared):
-    run_stage_script("train", cwd=prepared)
+    run_main(train_stage, prepared, "mlp")
     epochs = load_section("train", prepared / "params.yaml").epochs
-    plots = prepared / "metrics/train/plots/metrics"
+    plots = prepared / "metrics/mlp/plots/metrics"
     for metric in ("train/loss", "val/loss", "val/accuracy"):
         rows = (plots / f"{metric}.tsv").read_text().splitlines()
         assert rows[0] == f"step\t{metric.split('/')[-1]}" and len(rows) == 1 + epochs
@@ -108,15 +110,18 @@ def test_train_logs_each_epoch_with_dvclive(prepared):
 
 
 def test_saved_models_reload_with_weights_only_and_predict_identically(prepared):
-    run_stage_script("train", cwd=prepared)
-    run_stage_script("fit", cwd=prepared)
+    manual_path, skorch_path = run_main(train_stage, prepared, "mlp"), run_main(fit_stage, prepared, "skorch_params")
     model_params = load_section("model")
     test_images, _ = load_split(prepared / "data/processed", "test")
-    state = torch.load(prepared / "models/mlp.pt", weights_only=True)
+    state = torch.load(manual_path, weights_only=True)
     loop = build_mlp(model_params, seed=123)  # a different init, overwritten by the state_dict
     loop.load_state_dict(state)
-    net = load_net(model_params, prepared / "models/skorch_params.pt")
     loop_logits = predict_logits(loop, test_images, 100)
-    assert torch.equal(loop_logits, predict_logits(loop, test_images, 100))
-    assert torch.allclose(net.forward(test_images), loop_logits, atol=1e-6)
+    assert torch.equal(loop_logits, predict_logits(load_mlp(model_params, manual_path), test_images, 100))
+    # skorch's own loader and load_mlp (evaluate, predict and export use it) read
+    # skorch's save_params file as the same weights: bit-identical logits.
+    net = load_net(model_params, skorch_path)
+    skorch_logits = net.forward(test_images)
+    assert torch.equal(skorch_logits, predict_logits(load_mlp(model_params, skorch_path), test_images, 100))
+    assert torch.equal(skorch_logits, loop_logits)  # both trainings learnt the same weights
     assert (net.predict(test_images) == loop_logits.argmax(1).numpy()).all()

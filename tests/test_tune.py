@@ -16,6 +16,7 @@ import yaml
 from sklearn.base import clone
 
 from mnist_dvc.params import load_section
+from mnist_dvc.tuning import scale_and_flatten
 from stages import tune
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -102,7 +103,7 @@ def test_scaling_step_matches_load_split_bit_for_bit():
     # The same arithmetic as load_split (float32 / 255), so tuned
     # hyperparameters carry over to the trainings, which use load_split.
     images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
-    features = tune.scale_and_flatten(images)
+    features = scale_and_flatten(images)
     assert features.dtype == np.float32 and features.shape == (1, 256)
     expected = torch.from_numpy(images).float().div_(255).reshape(1, -1).numpy()
     assert np.array_equal(features, expected)
