@@ -21,10 +21,11 @@ typeset digit:
    background; everything below ``max(4 sigma, 10% of the ink peak)`` is
    zeroed, and connected components with less than ``MIN_PART`` of the
    largest component's ink are dropped (specks, dust), so they do not widen
-   the bounding box;
-5. very thin strokes (a fine pen photographed at high resolution) are
-   thickened to MNIST's stroke width relative to the digit's size, since they
-   would otherwise fade to a faint grey at 20 px;
+   the bounding box; so is anything lying along the picture's edge (the table
+   beside the sheet, a shadow) when there is a digit elsewhere;
+5. very thin strokes (a fine pen photographed at high resolution, a 1-px
+   line) are thickened to a typical MNIST stroke width relative to the
+   digit's size, since they would otherwise fade to a faint grey at 20 px;
 6. crop to the ink, scale its longer side to 20 px (Lanczos, aspect ratio
    kept) and shift it, in the same resampling, so that its centre of mass is
    at ``CENTRE`` = (14, 14) in array-index coordinates (row, column; pixel
@@ -41,6 +42,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +58,16 @@ SIDE = 28  # output size
 BOX = 20  # the longer side of the ink's bounding box in the output
 CENTRE = (14.0, 14.0)  # where the ink's centre of mass goes (row, column), as in MNIST
 MIN_PART = 0.05  # a connected component is kept if its ink is >= this fraction of the largest's
-MIN_STROKE = 0.09  # strokes thinner than this fraction of the digit's size are thickened to it
-# Raster formats only: no EPS (it runs Ghostscript), no exotic scientific formats.
-FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "WEBP", "TIFF", "PPM", "TGA", "ICO", "PCX", "QOI",
-           "SGI", "AVIF")
+EDGE_CONTACT = 0.15  # a component on more than this fraction of the picture's edge is background
+# Strokes thinner than MIN_STROKE of the digit's longer side (MNIST's thinnest are ~0.10)
+# are thickened to STROKE (a typical MNIST stroke: ~2.4 px of 20).
+MIN_STROKE = 0.09
+STROKE = 0.12
+# Raster formats only: no EPS (it runs Ghostscript), no exotic scientific formats;
+# only those this Pillow build has (AVIF, WebP are optional).
+Image.init()
+FORMATS = tuple(f for f in ("PNG", "JPEG", "GIF", "BMP", "DIB", "WEBP", "TIFF", "PPM", "TGA", "ICO", "PCX",
+                            "QOI", "SGI", "AVIF") if f in Image.OPEN)
 _ALPHA_MODES = {"RGBA", "LA", "RGBa", "PA"}
 _WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity: diagonal strokes stay one component
@@ -92,11 +100,14 @@ def load_image(path) -> np.ndarray:
     except TypeError:
         raise ImageError(f"expected a file path, got {type(path).__name__}") from None
     try:
-        if path.is_dir():
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
             raise ImageError(f"{path} is a directory, not an image file")
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ImageError(f"{path} is too large ({size / 1e6:.0f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB)")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{path} is not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{path} is too large ({info.st_size / 1e6:.0f} MB; "
+                             f"the limit is {MAX_FILE_BYTES / 1e6:.0f} MB)")
         data = path.read_bytes()
     except FileNotFoundError:
         raise ImageError(f"{path} does not exist") from None
@@ -104,6 +115,10 @@ def load_image(path) -> np.ndarray:
         raise ImageError(f"{path} cannot be read: permission denied") from None
     except OSError as exc:
         raise ImageError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # e.g. a NUL byte in the path
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"{str(path)!r} is not a valid path: {exc}") from None
     return to_mnist(data)
 
 
@@ -133,14 +148,13 @@ def _decode(data: bytes) -> np.ndarray:
             if width * height > MAX_PIXELS:
                 raise ImageError(f"the image is too large ({width}x{height} pixels; "
                                  f"the limit is {MAX_PIXELS / 1e6:.0f} million)")
-            if img.format == "JPEG" and max(width, height) > WORK_SIDE:
+            if img.format in ("JPEG", "MPO") and max(width, height) > WORK_SIDE:
                 # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT, no smaller than WORK_SIDE.
                 scale = WORK_SIDE / max(width, height)
                 img.draft("L" if img.mode in ("RGB", "L") else img.mode,
                           (math.ceil(width * scale), math.ceil(height * scale)))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _greyscale(img)
+            return _greyscale(_upright(img))
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -155,26 +169,27 @@ def _decode(data: bytes) -> np.ndarray:
         raise ImageError("the image could not be decoded: the file is corrupt or truncated") from None
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF orientation tag says (phone photos); as is if the tag is unreadable."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not cost the picture
+        return img
+
+
 def _shrink_factor(img: Image.Image) -> int:
     return max(1, math.ceil(max(img.size) / WORK_SIDE))
-
-
-def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
-    """Mean of k x k blocks (the last partial blocks are dropped)."""
-    if k == 1:
-        return a
-    h, w = a.shape[0] // k * k, a.shape[1] // k * k
-    if h == 0 or w == 0:
-        return a[::k, ::k]
-    return a[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
 
 
 def _greyscale(img: Image.Image) -> np.ndarray:
     """float32 greyscale in [0, 1], transparency composited onto paper, at most WORK_SIDE px long."""
     mode = img.mode
     if mode in _WIDE_MODES:
-        grey = _block_mean(np.asarray(img, dtype=np.float64), _shrink_factor(img))
-        grey = np.nan_to_num(grey, nan=0.0, posinf=0.0, neginf=0.0)
+        if mode.startswith("I;16"):
+            img = img.convert("I")
+        if _shrink_factor(img) > 1:
+            img = img.reduce(_shrink_factor(img))
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         low, high = grey.min(), grey.max()
         # Scale by the picture's own range: 16-bit data need not use all 16 bits.
         grey = (grey - low) / (high - low) if high > low else np.zeros_like(grey)
@@ -298,8 +313,16 @@ def _strokes(ink: np.ndarray, sigma: float) -> np.ndarray:
     ink_labels = labels[mask]
     mass = np.bincount(ink_labels, weights=ink[mask], minlength=count + 1)
     area = np.bincount(ink_labels, minlength=count + 1)
+    min_area = max(4, 1e-4 * ink.size)
+    # Something lying along the picture's edge (the table beside the sheet, a
+    # shadow) is not the digit, when there is a digit-sized component elsewhere.
+    frame = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    sheet = np.bincount(frame, minlength=count + 1) > EDGE_CONTACT * frame.size
+    sheet[0] = False
+    if sheet.any() and (area[~sheet] >= min_area).any():
+        mass[sheet] = 0
     biggest = int(np.argmax(mass))
-    if area[biggest] < max(4, 1e-4 * ink.size):
+    if area[biggest] < min_area:
         raise _blank()
     keep = mass >= MIN_PART * mass[biggest]
     keep[0] = False
@@ -323,7 +346,7 @@ def _stroke_width(mask: np.ndarray) -> float:
 
 
 def _thicken(a: np.ndarray) -> np.ndarray:
-    """Dilate strokes thinner than MIN_STROKE of the digit's longer side up to it."""
+    """Dilate strokes thinner than MIN_STROKE of the digit's longer side to STROKE of it."""
     mask = a > 0.5
     if not mask.any() or _stroke_width(mask) >= MIN_STROKE * max(a.shape):
         return a
@@ -334,7 +357,7 @@ def _thicken(a: np.ndarray) -> np.ndarray:
         padded[:h, :w] = a
         a = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).max(axis=(1, 3))
         mask = a > 0.5
-    radius = (MIN_STROKE * max(a.shape) - _stroke_width(mask)) / 2
+    radius = (STROKE * max(a.shape) - _stroke_width(mask)) / 2
     if radius <= 0:
         return a
     distance = ndimage.distance_transform_edt(~mask)
@@ -369,6 +392,8 @@ def _render(a: np.ndarray) -> np.ndarray:
     resample = Image.LANCZOS if scale < 1 else Image.BICUBIC
     box = (x0 + pad_left, y0 + pad_top, x1 + pad_left, y1 + pad_top)
     out = np.asarray(Image.fromarray(padded, mode="F").resize((SIDE, SIDE), resample, box=box))
+    if out.max() <= 0:
+        raise _blank()
     out = out * np.float32(1 / out.max())
     # Lanczos rings: faint (< 3%) echoes of the strokes around them; MNIST's background is exactly 0.
     out[out < 0.03] = 0

@@ -10,6 +10,7 @@ as the original digit itself does.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 import zlib
@@ -288,6 +289,15 @@ def test_a_digit_in_two_pieces_keeps_both(fixture_digits):
     assert image[:14].sum() > 0.2 * image.sum() and image[14:].sum() > 0.2 * image.sum()
 
 
+def test_the_table_beside_the_sheet_is_not_the_digit():
+    """A photo whose left edge shows the dark table: the digit is still what comes out."""
+    sheet = Image.new("L", (600, 450), 225)
+    ImageDraw.Draw(sheet).line([(250, 120), (380, 120), (290, 350)], fill=40, width=15)
+    expected = to_mnist(encode(sheet))
+    ImageDraw.Draw(sheet).rectangle((0, 0, 80, 450), fill=60)
+    assert correlation(to_mnist(encode(sheet, "JPEG", quality=85)), expected) > 0.95
+
+
 def test_white_strokes_on_a_transparent_canvas():
     canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).line([(90, 60), (190, 60), (120, 220)], fill=(255, 255, 255, 255), width=18)
@@ -504,6 +514,13 @@ def test_load_image_missing_file(tmp_path):
 def test_load_image_directory(tmp_path):
     with pytest.raises(ImageError, match="is a directory"):
         load_image(tmp_path)
+
+
+def test_load_image_not_a_regular_file():
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero here")
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image("/dev/zero")  # would never finish reading
 
 
 def test_load_image_not_an_image(tmp_path):
