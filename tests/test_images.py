@@ -1,0 +1,530 @@
+"""mnist_dvc.images: any picture of a digit -> the 28x28 MNIST-style input.
+
+The pictures are made here from the fixture digits (scikit-learn's
+handwritten digits in MNIST's format, ``conftest.tiny_mnist_arrays``):
+enlarged, moved off-centre, inverted, made transparent, JPEG-compressed,
+16-bit, palette, EXIF-rotated... Each must come out as nearly the same 28x28
+as the original digit itself does.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFile
+from threadpoolctl import threadpool_limits
+
+from conftest import tiny_mnist_arrays
+from mnist_dvc.images import CENTRE, MAX_PIXELS, ImageError, load_image, to_mnist, to_png
+
+N_DIGITS = 60  # of the fixture's test digits: 9 variants x 60 = 540 pictures, a few seconds
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def enlarge(digit: np.ndarray, scale: int = 6, canvas=(240, 210), at=(40, 15)) -> np.ndarray:
+    """The 28x28 uint8 digit enlarged smoothly and placed off-centre on a bigger black canvas; float [0, 1]."""
+    big = Image.fromarray(digit).resize((28 * scale, 28 * scale), Image.BICUBIC)
+    out = np.zeros((canvas[1], canvas[0]), np.float32)
+    out[at[1]:at[1] + 28 * scale, at[0]:at[0] + 28 * scale] = np.asarray(big, np.float32) / 255
+    return out
+
+
+def grey_image(ink: np.ndarray, dark_on_light: bool = False) -> Image.Image:
+    values = 1 - ink if dark_on_light else ink
+    return Image.fromarray(np.round(values * 255).astype(np.uint8), "L")
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def bbox(image28: np.ndarray, level: float = 0.0) -> tuple[int, int]:
+    rows = np.flatnonzero((image28 > level).any(axis=1))
+    cols = np.flatnonzero((image28 > level).any(axis=0))
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+def centre_of_mass(image28: np.ndarray) -> np.ndarray:
+    rows, cols = np.indices(image28.shape)
+    return np.array([(rows * image28).sum(), (cols * image28).sum()]) / image28.sum()
+
+
+# --- the variants -------------------------------------------------------------------------
+
+def variant_shifted(digit):
+    return encode(grey_image(enlarge(digit)))
+
+
+def variant_inverted(digit):
+    return encode(grey_image(enlarge(digit), dark_on_light=True))
+
+
+def variant_transparent(digit):
+    """Black ink, opaque where the digit is, on a fully transparent background (an HTML canvas)."""
+    ink = np.round(enlarge(digit) * 255).astype(np.uint8)
+    rgba = np.zeros(ink.shape + (4,), np.uint8)
+    rgba[..., 3] = ink
+    return encode(Image.fromarray(rgba, "RGBA"))
+
+
+def variant_jpeg(digit):
+    return encode(grey_image(enlarge(digit), dark_on_light=True).convert("RGB"), "JPEG", quality=75)
+
+
+def variant_16bit(digit):
+    values = np.round((1 - enlarge(digit)) * 65535).astype(np.uint16)
+    img = Image.fromarray(values)
+    assert img.mode == "I;16"
+    return encode(img)
+
+
+def variant_palette_transparent(digit):
+    """Dark ink in a 16-colour palette, the background's palette entry transparent."""
+    img = grey_image(enlarge(digit), dark_on_light=True).convert("RGB").quantize(16)
+    background = img.getpixel((0, 0))
+    return encode(img, transparency=background)
+
+
+def variant_exif_rotated(digit):
+    """Stored lying on its side, with the EXIF tag that says how to stand it upright."""
+    upright = grey_image(enlarge(digit), dark_on_light=True).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: the viewer rotates the stored picture 90 degrees clockwise
+    return encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=90, exif=exif)
+
+
+def variant_blue_on_grey(digit):
+    ink = enlarge(digit)[..., None]
+    paper, blue = np.array([170, 170, 165]), np.array([20, 30, 140])
+    rgb = paper * (1 - ink) + blue * ink
+    return encode(Image.fromarray(np.round(rgb).astype(np.uint8), "RGB"))
+
+
+def variant_photo(digit):
+    """Dark ink on paper under uneven light (from 100% to 54%), with grain, as a JPEG."""
+    rng = np.random.default_rng(int(digit.sum()))
+    ink = enlarge(digit)
+    h, w = ink.shape
+    light = np.linspace(1.0, 0.6, w)[None, :] * np.linspace(1.0, 0.9, h)[:, None]
+    grey = np.clip((0.9 * (1 - ink) + 0.1) * light + rng.normal(0, 0.02, ink.shape), 0, 1)
+    return encode(grey_image(grey), "JPEG", quality=80)
+
+
+VARIANTS = {
+    "shifted": variant_shifted,
+    "inverted": variant_inverted,
+    "transparent": variant_transparent,
+    "jpeg": variant_jpeg,
+    "16bit": variant_16bit,
+    "palette": variant_palette_transparent,
+    "exif": variant_exif_rotated,
+    "blue_on_grey": variant_blue_on_grey,
+    "photo": variant_photo,
+}
+
+
+@pytest.fixture(scope="module")
+def fixture_digits():
+    arrays = tiny_mnist_arrays()
+    return arrays, arrays["test_images"][:N_DIGITS], arrays["test_labels"][:N_DIGITS].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def originals(fixture_digits):
+    """Each fixture digit's own 28x28 PNG through to_mnist: what every variant must reproduce."""
+    _, images, _ = fixture_digits
+    return np.stack([to_mnist(encode(Image.fromarray(d))) for d in images])
+
+
+@pytest.fixture(scope="module")
+def processed_variants(fixture_digits):
+    _, images, _ = fixture_digits
+    return {name: np.stack([to_mnist(make(d)) for d in images]) for name, make in VARIANTS.items()}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_recovers_the_original_28x28(name, originals, processed_variants):
+    got = processed_variants[name]
+    corr = np.array([correlation(a, b) for a, b in zip(got, originals)])
+    mad = np.abs(got - originals).mean(axis=(1, 2))
+    assert (corr > 0.9).mean() >= 0.95, f"{name}: correlation > 0.9 for only {(corr > 0.9).mean():.0%}"
+    assert np.median(mad) < 0.05, f"{name}: median mean-absolute difference {np.median(mad):.3f}"
+
+
+def test_exif_orientation_is_applied(fixture_digits, originals, processed_variants):
+    """Without the tag, the digit would lie on its side: the upright result must match, the sideways not."""
+    _, images, _ = fixture_digits
+    sideways = np.stack([np.rot90(o) for o in originals])
+    got = processed_variants["exif"]
+    upright_corr = np.mean([correlation(a, b) for a, b in zip(got, originals)])
+    sideways_corr = np.mean([correlation(a, b) for a, b in zip(got, sideways)])
+    assert upright_corr > 0.9 > sideways_corr + 0.2
+
+
+def train_small_mlp(images: np.ndarray, labels: np.ndarray):
+    """A one-hidden-layer MLP (784-64-10, ReLU) fitted by full-batch gradient descent in numpy.
+
+    numpy rather than torch: the same kind of model as the project's, without
+    torch's import time in a test file that should take seconds.
+    """
+    rng = np.random.default_rng(0)
+    x = images.reshape(len(images), -1).astype(np.float32)
+    onehot = np.eye(10, dtype=np.float32)[labels]
+    w1, b1 = rng.normal(0, 784 ** -0.5, (784, 64)).astype(np.float32), np.zeros(64, np.float32)
+    w2, b2 = rng.normal(0, 64 ** -0.5, (64, 10)).astype(np.float32), np.zeros(10, np.float32)
+    for _ in range(100):
+        hidden = np.maximum(x @ w1 + b1, 0)
+        logits = hidden @ w2 + b2
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        grad = (p / p.sum(1, keepdims=True) - onehot) / len(x)
+        grad_hidden = (grad @ w2.T) * (hidden > 0)
+        w2 -= 0.5 * hidden.T @ grad
+        b2 -= 0.5 * grad.sum(0)
+        w1 -= 0.5 * x.T @ grad_hidden
+        b1 -= 0.5 * grad_hidden.sum(0)
+    return lambda batch: (np.maximum(batch.reshape(len(batch), -1) @ w1 + b1, 0) @ w2 + b2).argmax(1)
+
+
+def test_predictions_on_variants_match_the_originals(fixture_digits, originals, processed_variants):
+    arrays, _, labels = fixture_digits
+    train = np.stack([to_mnist(encode(Image.fromarray(d))) for d in arrays["train_images"][:600]])
+    with threadpool_limits(1):  # BLAS threads only slow small matrices down on a busy machine
+        predict = train_small_mlp(train, arrays["train_labels"][:600].astype(np.int64))
+    reference = predict(originals)
+    assert (reference == labels).mean() > 0.8  # the model learned something: the comparison means something
+    for name, got in processed_variants.items():
+        agree = (predict(got) == reference).mean()
+        assert agree >= 0.95, f"{name}: {agree:.0%} of predictions agree"
+
+
+# --- the output contract ----------------------------------------------------------------
+
+def test_output_is_mnist_shaped(processed_variants, originals):
+    for image in [*originals[:20], *processed_variants["photo"][:20], *processed_variants["transparent"][:20]]:
+        assert image.dtype == np.float32 and image.shape == (28, 28)
+        assert image.min() == 0.0 and image.max() == pytest.approx(1.0)
+        # The ink's box, anti-aliased edges included: 20 px on the longer side, as in MNIST.
+        assert 19 <= max(bbox(image)) <= 21 and max(bbox(image, 0.3)) >= 17
+        assert np.abs(centre_of_mass(image) - np.array(CENTRE)).max() <= 0.75
+        # The background is exactly 0: everything outside the ink's box, and the corners.
+        rows, cols = np.flatnonzero(image.any(axis=1)), np.flatnonzero(image.any(axis=0))
+        outside = np.ones_like(image, dtype=bool)
+        outside[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = False
+        assert outside.sum() >= 28 * 28 - 22 * 22 and not image[outside].any()
+        assert image[:3, :3].max() == image[-3:, -3:].max() == 0
+
+
+def test_centre_is_where_mnist_digits_have_theirs():
+    assert CENTRE == (14.0, 14.0)
+
+
+def test_to_png_round_trips_and_is_deterministic(originals):
+    image = originals[0]
+    data = to_png(image)
+    assert data == to_png(image.copy())
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG" and img.mode == "L" and img.size == (28, 28)
+        back = np.asarray(img, np.float32) / 255
+    assert np.abs(back - image).max() <= 0.5 / 255 + 1e-6
+    # Saved input, fed back (predict --save-input, then predict on it): the same digit.
+    assert correlation(to_mnist(data), image) > 0.95
+
+
+def test_to_png_rejects_what_is_not_an_image_array():
+    with pytest.raises(ValueError):
+        to_png(np.zeros((28, 28, 3)))
+    with pytest.raises(ValueError):
+        to_png(np.full((28, 28), np.nan))
+
+
+def test_thin_vertical_bar_stays_a_thin_stroke():
+    canvas = np.full((300, 300), 255, np.uint8)
+    canvas[50:250, 146:154] = 0  # an 8x200 "1" in black on white
+    image = to_mnist(encode(Image.fromarray(canvas)))
+    height, width = bbox(image, 0.1)
+    assert 19 <= height <= 21
+    assert 1 <= width <= 4, f"a blob {width} px wide"
+    columns = np.flatnonzero(image.max(axis=0) > 0.5)
+    assert abs(columns.mean() - CENTRE[1]) <= 1
+
+
+def test_hairline_is_thickened_not_lost():
+    """A 1-px pen line on a big picture would fade to grey at 20 px: it comes out as a visible stroke."""
+    img = Image.new("L", (900, 900), 255)
+    ImageDraw.Draw(img).line([(300, 150), (600, 150), (400, 750)], fill=0, width=2)  # a "7"
+    image = to_mnist(encode(img))
+    assert (image > 0.5).sum() >= 25  # some 30 stroke pixels of a 2-px wide 7
+
+
+def test_a_speck_does_not_move_the_digit(fixture_digits):
+    _, images, _ = fixture_digits
+    ink = enlarge(images[0])
+    clean = to_mnist(encode(grey_image(ink, dark_on_light=True)))
+    ink[260:264, 300:304] = 1.0  # a 4x4 dust speck far from the digit
+    specked = to_mnist(encode(grey_image(ink, dark_on_light=True)))
+    np.testing.assert_allclose(specked, clean, atol=1e-6)
+
+
+def test_a_digit_in_two_pieces_keeps_both(fixture_digits):
+    _, images, _ = fixture_digits
+    ink = enlarge(images[3])
+    rows = np.flatnonzero(ink.max(axis=1) > 0)
+    middle = (rows[0] + rows[-1]) // 2
+    ink[middle - 6:middle + 6] = 0  # a gap across the middle: upper and lower halves
+    image = to_mnist(encode(grey_image(ink)))
+    assert 19 <= max(bbox(image, 0.3)) <= 21
+    assert image[:14].sum() > 0.2 * image.sum() and image[14:].sum() > 0.2 * image.sum()
+
+
+def test_the_table_beside_the_sheet_is_not_the_digit():
+    """A photo whose left edge shows the dark table: the digit is still what comes out."""
+    sheet = Image.new("L", (600, 450), 225)
+    ImageDraw.Draw(sheet).line([(250, 120), (380, 120), (290, 350)], fill=40, width=15)
+    expected = to_mnist(encode(sheet))
+    ImageDraw.Draw(sheet).rectangle((0, 0, 80, 450), fill=60)
+    assert correlation(to_mnist(encode(sheet, "JPEG", quality=85)), expected) > 0.95
+
+
+def test_white_strokes_on_a_transparent_canvas():
+    canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).line([(90, 60), (190, 60), (120, 220)], fill=(255, 255, 255, 255), width=18)
+    black = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+    ImageDraw.Draw(black).line([(90, 60), (190, 60), (120, 220)], fill=(0, 0, 0, 255), width=18)
+    np.testing.assert_allclose(to_mnist(encode(canvas)), to_mnist(encode(black)), atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt, mode, kwargs", [
+    ("GIF", "P", {}), ("BMP", "RGB", {}), ("WEBP", "RGB", {"lossless": True}), ("WEBP", "RGBA", {"quality": 80}),
+    ("TIFF", "CMYK", {}), ("JPEG", "CMYK", {}), ("TIFF", "YCbCr", {}), ("TIFF", "LAB", {}), ("TIFF", "F", {}),
+    ("TIFF", "I", {}), ("TIFF", "I;16B", {}), ("PNG", "1", {}), ("PNG", "LA", {}), ("PPM", "L", {}),
+    ("TIFF", "RGBA", {"compression": "tiff_lzw"}),
+])
+def test_formats_and_modes(fmt, mode, kwargs, fixture_digits, originals):
+    _, images, _ = fixture_digits
+    ink = enlarge(images[1], scale=4, canvas=(150, 130), at=(10, 5))
+    grey = grey_image(ink, dark_on_light=True)
+    if mode == "F":
+        img = Image.fromarray((1 - ink) * 1000 - 5)  # any range: scaled by its own
+    elif mode == "I":
+        img = Image.fromarray(((1 - ink) * 100_000).astype(np.int32))
+    elif mode == "I;16B":
+        img = Image.frombytes("I;16B", grey.size, np.round((1 - ink) * 4095).astype(">u2").tobytes())  # 12-bit data
+    elif mode == "LA":
+        img = Image.merge("LA", (Image.new("L", grey.size, 0), Image.fromarray(np.round(ink * 255).astype(np.uint8))))
+    elif mode == "RGBA":
+        img = grey.convert("RGBA")
+    elif mode == "1":
+        img = grey.convert("1", dither=Image.Dither.NONE)  # a thresholded scan
+    else:
+        img = grey.convert(mode)
+    data = encode(img, fmt, **kwargs)
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.format == fmt
+    expected = to_mnist(encode(grey))
+    got = to_mnist(data)
+    assert correlation(got, expected) > 0.95, f"{fmt}/{mode}"
+    assert correlation(got, originals[1]) > 0.85
+
+
+def test_multi_frame_gif_uses_the_first_frame(fixture_digits, originals):
+    _, images, _ = fixture_digits
+    frames = [grey_image(enlarge(d, scale=4, canvas=(150, 130), at=(10, 5))) for d in images[:2]]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert correlation(to_mnist(data), originals[0]) > 0.9
+
+
+def test_large_photo_is_shrunk_cheaply(fixture_digits, originals):
+    _, images, _ = fixture_digits
+    big = Image.fromarray(images[2]).resize((1800, 1800), Image.BICUBIC)
+    paper = Image.new("L", (2400, 2000), 0)
+    paper.paste(big, (300, 100))
+    data = encode(Image.eval(paper, lambda v: 255 - v).convert("RGB"), "JPEG", quality=85)
+    start = time.perf_counter()
+    image = to_mnist(data)
+    assert time.perf_counter() - start < 1.0
+    assert correlation(image, originals[2]) > 0.9
+
+
+def test_canvas_png_is_fast():
+    canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).line([(90, 60), (190, 60), (120, 220)], fill=(0, 0, 0, 255), width=18)
+    data = encode(canvas)
+    to_mnist(data)
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        to_mnist(data)
+        times.append(time.perf_counter() - start)
+    assert min(times) < 0.02  # ~2-3 ms on a 2-core machine; generous for a loaded CI runner
+
+
+# --- bad input: only ImageError, with one clear sentence ------------------------------
+
+def small_png() -> bytes:
+    img = Image.new("L", (64, 64), 255)
+    ImageDraw.Draw(img).ellipse((16, 8, 48, 56), outline=0, width=6)
+    return encode(img)
+
+
+def small_jpeg() -> bytes:
+    img = Image.new("RGB", (128, 128), (255, 255, 255))
+    ImageDraw.Draw(img).ellipse((32, 16, 96, 112), outline=(0, 0, 0), width=10)
+    return encode(img, "JPEG", quality=90)
+
+
+def assert_refused(data, *words):
+    with pytest.raises(ImageError) as info:
+        to_mnist(data)
+    message = str(info.value)
+    assert message and "\n" not in message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_random_bytes_are_not_an_image():
+    assert_refused(np.random.default_rng(0).bytes(5000), "not an image")
+
+
+def test_a_text_file_is_not_an_image():
+    assert_refused(b"7\nthis is a text file, not a picture\n", "not an image")
+
+
+def test_empty_file():
+    assert_refused(b"", "empty")
+
+
+@pytest.mark.parametrize("make", [small_png, small_jpeg])
+def test_truncated_files(make):
+    data = make()
+    assert_refused(data[: len(data) * 2 // 3], "corrupt or truncated")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize("colour", [0, 255, 128])
+def test_one_colour_image(colour):
+    assert_refused(encode(Image.new("L", (200, 150), colour)), "no digit found")
+    assert_refused(encode(Image.new("RGB", (200, 150), (colour, 90, 40)), "JPEG"), "no digit found")
+
+
+def test_fully_transparent_image():
+    assert_refused(encode(Image.new("RGBA", (280, 280), (0, 0, 0, 0))), "no digit found")
+    assert_refused(encode(Image.new("RGBA", (280, 280), (255, 255, 255, 0))), "no digit found")
+
+
+def test_only_noise_or_a_lighting_gradient():
+    rng = np.random.default_rng(1)
+    paper = np.clip(200 + rng.normal(0, 4, (300, 400)), 0, 255).astype(np.uint8)
+    assert_refused(encode(Image.fromarray(paper)), "no digit found")
+    gradient = np.linspace(120, 240, 400)[None, :] * np.ones((300, 1))
+    assert_refused(encode(Image.fromarray(gradient.astype(np.uint8)), "JPEG"), "no digit found")
+    one_pixel = np.full((300, 400), 255, np.uint8)
+    one_pixel[100, 100] = 0
+    assert_refused(encode(Image.fromarray(one_pixel)), "no digit found")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` (1-bit grey) and holds a few bytes of pixel data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_its_header():
+    start = time.perf_counter()
+    assert_refused(png_header_only(50_000, 50_000), "too large")
+    # Between our limit and Pillow's own (89M pixels): refused by MAX_PIXELS.
+    assert_refused(png_header_only(8_000, 6_000), "too large")
+    assert time.perf_counter() - start < 0.5
+    assert 8_000 * 6_000 > MAX_PIXELS
+
+
+def test_a_real_bomb_is_refused_without_decoding():
+    """A complete, valid 7000x7000 1-bit PNG (a few KB): over MAX_PIXELS."""
+    data = encode(Image.new("1", (7000, 7000), 1), optimize=False)
+    assert len(data) < 100_000
+    start = time.perf_counter()
+    assert_refused(data, "too large")
+    assert time.perf_counter() - start < 0.1
+
+
+def test_corrupted_files_raise_only_image_error():
+    """Bytes flipped or cut at random in valid files of several formats: ImageError or a result, nothing else."""
+    rng = np.random.default_rng(2)
+    img = Image.new("RGB", (96, 96), (240, 240, 240))
+    ImageDraw.Draw(img).line([(30, 20), (70, 20), (40, 80)], fill=(10, 10, 60), width=8)
+    valid = [encode(img, fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")]
+    for data in valid:
+        for _ in range(25):
+            broken = bytearray(data)
+            for position in rng.integers(0, len(broken), rng.integers(1, 8)):
+                broken[position] = rng.integers(0, 256)
+            if rng.random() < 0.3:
+                broken = broken[: rng.integers(1, len(broken))]
+            try:
+                image = to_mnist(bytes(broken))
+            except ImageError as exc:
+                assert str(exc)
+            else:
+                assert image.shape == (28, 28) and image.dtype == np.float32
+
+
+def test_wrong_argument_type():
+    with pytest.raises(ImageError):
+        to_mnist("digit.png")
+
+
+def test_pillow_settings_are_left_alone():
+    before = (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS)
+    to_mnist(small_png())
+    with pytest.raises(ImageError):
+        to_mnist(png_header_only(50_000, 50_000))
+    assert (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS) == before
+
+
+# --- load_image ---------------------------------------------------------------------------
+
+def test_load_image_reads_a_file(tmp_path):
+    path = tmp_path / "seven.png"
+    path.write_bytes(small_png())
+    expected = to_mnist(small_png())
+    np.testing.assert_array_equal(load_image(path), expected)
+    np.testing.assert_array_equal(load_image(str(path)), expected)
+
+
+def test_load_image_missing_file(tmp_path):
+    with pytest.raises(ImageError, match="does not exist"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_load_image_directory(tmp_path):
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(tmp_path)
+
+
+def test_load_image_not_a_regular_file():
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero here")
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image("/dev/zero")  # would never finish reading
+
+
+def test_load_image_not_an_image(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a picture")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(path)
