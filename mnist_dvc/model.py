@@ -10,6 +10,7 @@ are identical whatever the global RNG has done.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,10 @@ def configure_torch(threads: int, device: torch.device | str = "cpu") -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+# The two trained models, by their keys in metrics/evaluate.json, and the stage that trains each.
+TRAINED_BY = {"manual": "train", "skorch": "fit"}
+
+
 def load_mlp(model_params, path) -> MLP:
     """The MLP of the ``model:`` section with the weights of a state_dict file, in eval mode.
 
@@ -110,6 +115,22 @@ def load_mlp(model_params, path) -> MLP:
     model = build_mlp(model_params, seed=0)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def load_trained(name: str, model_params, path: Path) -> MLP:
+    """``load_mlp`` for the model ``name`` ("manual" or "skorch"), or a StageError that names the file."""
+    import pickle
+
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: model not found (run the {TRAINED_BY[name]} stage)")
+    try:
+        return load_mlp(model_params, path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as exc:
+        # weights_only=True refuses anything but tensors; a size mismatch
+        # means the model section changed since the model was trained.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StageError(f"{path}: refused to load as {name} model weights: {reason}") from None
 
 
 @torch.no_grad()

@@ -9,40 +9,22 @@ Out: metrics/evaluate.json   {"manual": {accuracy, loss, macro_f1}, "skorch": {.
 
 Both files are state_dicts of the same MLP (skorch's ``save_params`` writes
 ``module_.state_dict()``), so both load through ``load_mlp`` without importing
-skorch; ``tests/test_training.py`` checks that skorch's own ``load_params``
-gives the same logits. Both models are loaded and checked before anything is
-written: a refused file leaves the previous outputs untouched.
+skorch (``load_trained``); ``tests/test_training.py`` checks that skorch's
+own ``load_params`` gives the same logits. Both models are loaded and checked
+before anything is written: a refused file leaves the previous outputs untouched.
 """
 
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from mnist_dvc.data import load_split
-from mnist_dvc.model import load_mlp, loss_and_accuracy, predict_logits
+from mnist_dvc.model import TRAINED_BY, load_trained, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import StageError, run_stage, write_csv, write_json
-
-# metrics/evaluate.json's keys, and the stage that trains each model.
-TRAINED_BY = {"manual": "train", "skorch": "fit"}
-
-
-def load_model(name: str, model_params, path: Path):
-    """Load one trained model, or raise a StageError that says which file and what to do."""
-    if not path.exists():
-        raise StageError(f"{path}: model not found (run the {TRAINED_BY[name]} stage)")
-    try:
-        return load_mlp(model_params, path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        # weights_only=True refuses anything but tensors; a size mismatch
-        # means the model section changed since the model was trained.
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise StageError(f"{path}: refused to load as {name} model weights: {reason}") from None
-
+from mnist_dvc.stage import run_stage, write_csv, write_json
 
 def scores(logits, labels) -> tuple[dict, dict]:
     """The headline metrics and the per-class report of one model."""
@@ -66,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predictions", type=Path, default=Path("metrics/predictions"))
     args = parser.parse_args(argv)
     model_params, params = load_section("model"), load_section("evaluate")
-    models = {name: load_model(name, model_params, getattr(args, name)) for name in TRAINED_BY}
+    # Both loaded, or refused, before anything is written.
+    models = {name: load_trained(name, model_params, getattr(args, name)) for name in TRAINED_BY}
     images, labels = load_split(args.data, "test")
     metrics, reports, predicted = {}, {}, {}
     for name, model in models.items():

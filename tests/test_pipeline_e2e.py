@@ -14,7 +14,9 @@ from conftest import REPO, dvc, ran_stages, sh
 REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 pytestmark = pytest.mark.e2e
-ALL_STAGES = {"download", "preprocess", "train", "fit", "evaluate", "plot", "tune"}
+ALL_STAGES = {"download", "preprocess", "train", "fit", "evaluate", "export", "plot", "tune"}
+# What a change to the models reruns: both trainings and every stage that reads a model.
+AFTER_TRAINING = {"train", "fit", "evaluate", "export", "plot"}
 
 
 def test_repro_from_scratch_runs_every_stage_and_a_second_repro_runs_none(reproduced, copy_project):
@@ -50,7 +52,7 @@ def test_after_a_real_repro_at_the_defaults_both_trainings_saved_identical_tenso
 RERUN_RULES = [
     # train.* (train.lr): test_a_train_param_reruns_exactly_the_trainings_and_what_follows_and_diffs_show_it
     # tune reads model.activation and model.dropout (and part of train): it reruns too.
-    ("model.dropout", 0.1, {"train", "fit", "evaluate", "plot", "tune"}),
+    ("model.dropout", 0.1, AFTER_TRAINING | {"tune"}),
     ("plot.misclassified", 10, {"plot"}),
     ("tune.cv", 3, {"tune"}),
     ("preprocess.val_size", 100, ALL_STAGES - {"download"}),
@@ -86,7 +88,7 @@ def test_editing_a_shared_module_reruns_exactly_the_stages_that_import_it(copy_p
 def test_a_train_param_reruns_exactly_the_trainings_and_what_follows_and_diffs_show_it(copy_project, tmp_path):
     repo = copy_project()
     set_param(repo, "train.lr", 0.003)
-    assert ran_stages(dvc("repro", cwd=repo).stdout) == {"train", "fit", "evaluate", "plot"}
+    assert ran_stages(dvc("repro", cwd=repo).stdout) == AFTER_TRAINING
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-q", "-m", "lr 0.003", cwd=repo)
 
@@ -108,11 +110,35 @@ def test_a_train_param_reruns_exactly_the_trainings_and_what_follows_and_diffs_s
 
 def test_forced_rerun_of_every_stage_reproduces_every_committed_result_bit_for_bit(copy_project):
     repo = copy_project()
+    before = {path: (repo / path).read_text() for path in ("dvc.lock", EXPORT_METRICS)}
     result = dvc("repro", "--force", cwd=repo)
     assert ran_stages(result.stdout) == ALL_STAGES
-    # Metrics, plot data, PNGs and dvc.lock (which holds the md5 of the models
-    # and data) are all unchanged: same params and seed, same bytes.
-    assert sh("git", "status", "--porcelain", cwd=repo).stdout == ""
+    # Metrics, plot data, PNGs, ONNX files and dvc.lock (which holds the md5 of
+    # the models and data) are all unchanged: same params and seed, same bytes.
+    # The one exception is a timing: export's ms_per_1000_images, and so the
+    # md5 of metrics/export.json in dvc.lock.
+    changed = {line[3:] for line in sh("git", "status", "--porcelain", cwd=repo).stdout.splitlines()}
+    assert changed <= {"dvc.lock", EXPORT_METRICS}, changed
+    assert without_timing(json.loads((repo / EXPORT_METRICS).read_text())) == without_timing(
+        json.loads(before[EXPORT_METRICS]))
+    assert lock_without_export_metrics((repo / "dvc.lock").read_text()) == lock_without_export_metrics(
+        before["dvc.lock"])
+
+
+EXPORT_METRICS = "metrics/export.json"
+
+
+def without_timing(export_metrics: dict) -> dict:
+    return {name: {k: v for k, v in entry.items() if k != "ms_per_1000_images"}
+            for name, entry in export_metrics.items()}
+
+
+def lock_without_export_metrics(text: str) -> dict:
+    lock = yaml.safe_load(text)
+    outs = lock["stages"]["export"]["outs"]
+    lock["stages"]["export"]["outs"] = [out for out in outs if out["path"] != EXPORT_METRICS]
+    assert len(outs) == 3  # the two ONNX files are still compared
+    return lock
 
 
 def test_bad_values_set_through_exp_run_fail_with_the_key_and_what_is_allowed(copy_project):

@@ -127,7 +127,7 @@ def test_exp_run_is_listed_by_exp_show_and_exp_push_and_pull_share_it_without_re
     sh("git", "push", "-q", "origin", "main", cwd=repo, timeout=120)
 
     run = dvc("exp", "run", "-S", "train.lr=0.005", "-n", "shared-exp", cwd=repo, timeout=600)
-    assert ran_stages(run.stdout) == {"train", "fit", "evaluate", "plot"}, run.stdout
+    assert ran_stages(run.stdout) == {"train", "fit", "evaluate", "export", "plot"}, run.stdout
     # `dvc exp show` lists the experiment with its params and metrics...
     listed = [exp for exp in experiments(repo) if exp.get("name") == "shared-exp"]
     assert listed, experiments(repo)

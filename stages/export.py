@@ -1,0 +1,117 @@
+"""export: an ONNX copy of each trained model, checked against PyTorch before it is kept.
+
+In:  models/mlp.pt; models/skorch_params.pt; data/processed/test_*.npy; params.yaml ``model``.
+Out: models/mlp.onnx, models/skorch.onnx   one self-contained file each (no .onnx.data beside it)
+     metrics/export.json   per model: max_abs_diff, argmax_agreement, onnx_bytes, ms_per_1000_images
+
+The contract of both files (also in the README and in dvc.yaml's artifacts):
+one input ``images``, float32, shape (N, 28, 28), values in [0, 1], a white
+digit on black; one output ``logits``, float32, shape (N, 10); N dynamic.
+
+Each model is exported with ``torch.onnx.export(..., dynamo=True)``, then run
+by ONNX Runtime on all 10,000 test images and compared with PyTorch. Unless
+the largest absolute logit difference is at most ``MAX_ABS_DIFF`` and the
+argmax agrees on every image, the stage fails and keeps no ONNX file.
+``ms_per_1000_images`` is a timing: the one value in this stage's outputs
+that differs between two identical runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mnist_dvc.data import load_split
+from mnist_dvc.model import TRAINED_BY, load_trained, predict_logits
+from mnist_dvc.params import load_section
+from mnist_dvc.stage import StageError, atomic_file, run_stage, write_json
+
+MAX_ABS_DIFF = 1e-4
+OPSET = 18
+TIMING_BATCH = 1000
+
+
+def to_onnx(model: torch.nn.Module) -> bytes:
+    """The model as one self-contained ONNX file: ``images`` (N, 28, 28) -> ``logits`` (N, 10)."""
+    example = torch.zeros(2, 28, 28)
+    # The exporter reports its progress on stdout and stderr: keep the stage's output to its results.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=OPSET, input_names=["images"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("N")},), verbose=False)
+    # The weights inside the file (external_data=False): one file, nothing beside it.
+    return program.model_proto.SerializeToString()
+
+
+def onnx_session(data: bytes):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def check(name: str, data: bytes, model: torch.nn.Module, images: torch.Tensor) -> dict:
+    """Run the ONNX model on ``images`` and compare with PyTorch; raise StageError on a mismatch."""
+    session = onnx_session(data)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != ["images"] or [o.name for o in outputs] != ["logits"]:
+        raise StageError(f"{name}: the ONNX model's inputs/outputs are {[i.name for i in inputs]} -> "
+                         f"{[o.name for o in outputs]}, not ['images'] -> ['logits']")
+    expected = predict_logits(model, images, TIMING_BATCH).numpy()
+    array = images.numpy()
+    batches = [array[i:i + TIMING_BATCH] for i in range(0, len(array), TIMING_BATCH)]
+    got, seconds = [], []
+    for batch in batches:
+        started = time.perf_counter()
+        got.append(session.run(["logits"], {"images": batch})[0])
+        seconds.append(time.perf_counter() - started)
+    got = np.concatenate(got)
+    max_abs_diff = float(np.abs(got - expected).max())
+    agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+    if not (max_abs_diff <= MAX_ABS_DIFF and agreement == 1.0):
+        raise StageError(f"{name}: ONNX Runtime and PyTorch disagree on the {len(array)} test images "
+                         f"(max abs logit difference {max_abs_diff:.3g}, allowed {MAX_ABS_DIFF:g}; "
+                         f"argmax agreement {agreement:.4f}, required 1): no ONNX file was written")
+    return {"max_abs_diff": max_abs_diff, "argmax_agreement": agreement, "onnx_bytes": len(data),
+            "ms_per_1000_images": round(1000 * float(np.median(seconds)) * 1000 / TIMING_BATCH, 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/processed"))
+    parser.add_argument("--manual", type=Path, default=Path("models/mlp.pt"))
+    parser.add_argument("--skorch", type=Path, default=Path("models/skorch_params.pt"))
+    parser.add_argument("--manual-onnx", type=Path, default=Path("models/mlp.onnx"))
+    parser.add_argument("--skorch-onnx", type=Path, default=Path("models/skorch.onnx"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/export.json"))
+    args = parser.parse_args(argv)
+    model_params = load_section("model")
+    torch.set_num_threads(1)
+    images, _ = load_split(args.data, "test")
+    exports, metrics = {}, {}
+    targets = {"manual": (args.manual, args.manual_onnx), "skorch": (args.skorch, args.skorch_onnx)}
+    for name in TRAINED_BY:
+        source, target = targets[name]
+        model = load_trained(name, model_params, source)
+        exports[target] = to_onnx(model)
+        metrics[name] = check(name, exports[target], model, images)
+        print(f"{name}: {target} ({len(exports[target]):,} bytes), max abs diff {metrics[name]['max_abs_diff']:.2g}, "
+              f"argmax agreement {metrics[name]['argmax_agreement']:.4f}, "
+              f"{metrics[name]['ms_per_1000_images']:.2f} ms per 1,000 images")
+    # Both checked: only now is anything written.
+    for target, data in exports.items():
+        with atomic_file(target) as f:
+            f.write(data)
+    write_json(args.metrics, metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main)
