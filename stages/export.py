@@ -45,8 +45,15 @@ def to_onnx(model: torch.nn.Module) -> bytes:
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=OPSET, input_names=["images"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("N")},), verbose=False)
-    # The weights inside the file (external_data=False): one file, nothing beside it.
-    return program.model_proto.SerializeToString()
+    proto = program.model_proto
+    # Each node records the Python stack that made it, with absolute file
+    # paths: the same model exported from another folder would get other bytes.
+    for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
+        kept = [prop for prop in node.metadata_props if prop.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    # The weights inside the file (the proto, not .save(external_data=...)): one file, nothing beside it.
+    return proto.SerializeToString()
 
 
 def onnx_session(data: bytes):

@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
+import signal
+import sys
 from pathlib import Path
 
+import joblib
 import numpy as np
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
@@ -70,6 +74,18 @@ def build_search(model_params, train_params, tune_params) -> GridSearchCV:
                         refit=False, error_score="raise")
 
 
+def default_sigterm() -> None:
+    """In a forked worker: SIGTERM ends the process, as it does by default.
+
+    A worker inherits the stage's SIGTERM handler (mnist_dvc/stage.py), which
+    raises an exception in the main thread. When the pool terminates its
+    workers, the signal can reach another thread of the worker while the main
+    thread waits on a lock: the exception never comes and the pool waits
+    forever (seen about once in ten runs on 2 busy cores).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def local_workers():
     """Where tune.n_jobs > 1 fits run on this machine: forked processes, on Linux.
 
@@ -79,14 +95,10 @@ def local_workers():
     with n_jobs 2 14.1 s, forked workers 10.5 s, with byte-identical results.
     Elsewhere (macOS, Windows: no safe fork) joblib's default is kept.
     """
-    import multiprocessing
-    import sys
-
-    import joblib
-
     if sys.platform != "linux":
         return contextlib.nullcontext()
-    return joblib.parallel_config(backend="multiprocessing", context=multiprocessing.get_context("fork"))
+    return joblib.parallel_config(backend="multiprocessing", context=multiprocessing.get_context("fork"),
+                                  initializer=default_sigterm)
 
 
 def results_table(cv_results: dict, n_splits: int) -> list[dict]:

@@ -1,8 +1,8 @@
 """Fixtures the tests make themselves: a tiny, learnable MNIST and project copies.
 
 The tiny MNIST is scikit-learn's bundled ``load_digits`` (1,797 real
-handwritten digits, 8x8), upscaled to 28x28 and written as the four gzipped
-IDX files, so every stage runs on real-looking data in a second or two and
+handwritten digits, 8x8), drawn the way MNIST's digits were (20 px box,
+centred by centre of mass in 28x28) and written as the four gzipped IDX files, so every stage runs on real-looking data in a second or two and
 no test needs the network or ../shared.
 
 ``make test`` runs the suite in parallel (pytest-xdist, one worker per core).
@@ -61,13 +61,32 @@ def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def mnist_style(digit: np.ndarray) -> np.ndarray:
+    """One small digit (floats, ink > 0) drawn the way MNIST's were: the ink's longer side
+    scaled to 20 px (aspect ratio kept, smooth), centred by centre of mass in 28x28."""
+    from PIL import Image
+    from scipy import ndimage
+
+    rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
+    ink = digit[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.float32)
+    height, width = ink.shape
+    scale = 20 / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = np.asarray(Image.fromarray(ink, mode="F").resize(size, Image.BILINEAR)).clip(0, None)
+    out = np.zeros((28, 28), np.float32)
+    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
+    out[top:top + size[1], left:left + size[0]] = small
+    dy, dx = np.round(np.array([14.0, 14.0]) - ndimage.center_of_mass(out)).astype(int)
+    out = np.roll(out, (dy, dx), axis=(0, 1))
+    return out / out.max()
+
+
 def tiny_mnist_arrays() -> dict[str, np.ndarray]:
-    """load_digits upscaled to MNIST's format: 28x28 uint8 images, 0..9 labels."""
+    """load_digits (1,797 handwritten 8x8 digits) drawn like MNIST: 28x28 uint8 images, 0..9 labels."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = np.kron(digits.images / 16.0, np.ones((3, 3)))  # 8x8 -> 24x24
-    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))  # -> 28x28, centred like MNIST
+    images = np.stack([mnist_style(d) for d in digits.images])
     images = np.round(images * 255).astype(np.uint8)
     labels = digits.target.astype(np.uint8)
     return {
