@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import gc
 import json
 import socket
 import sys
@@ -51,7 +53,7 @@ from mnist_dvc.inference import MODELS, Predictor, describe
 from mnist_dvc.stage import StageError
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_BODY = 2_000_000  # bytes: a canvas drawing is ~10 kB; the page shrinks big photos before sending
+MAX_BODY = 2_000_000  # bytes: a canvas drawing is a few kB; the page shrinks big photos before sending
 # After a 413, what the client is still sending is read and dropped, at most this much and
 # this long, before the connection is closed (nginx's "lingering close"): a client that writes
 # its whole request before reading the answer then gets the 413 instead of a connection reset.
@@ -271,6 +273,25 @@ def warm_up(predictor: Predictor) -> None:
     predictor.probabilities(to_mnist(to_png(stroke))[None])
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep the few MB a request allocates and frees, instead of returning them each time.
+
+    By default, arrays over 128 kB (a 280x280 float32 picture is 314 kB) are
+    fresh ``mmap``s and the heap's top is trimmed as soon as 256 kB are
+    free, so every request pays page faults again: ``to_mnist`` took 2.7 ms
+    instead of 2.1 ms (importing torch happens to raise both thresholds, so
+    only the ONNX server felt it). Allocations of 4 MB or more (a big
+    photo) are still returned to the system when freed. Elsewhere than
+    glibc, nothing changes.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on (host, port); port 0 picks a free one. Raises OSError.
 
@@ -299,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true", help="use models/*.onnx with ONNX Runtime instead of PyTorch")
     args = parser.parse_args(argv)
 
+    keep_freed_memory()
     try:
         predictor = Predictor(args.root, onnx=args.onnx, threads=1)
         warm_up(predictor)
@@ -325,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             limit_concurrency=100, timeout_keep_alive=5, timeout_graceful_shutdown=3,
                             server_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    # The ~250,000 objects of torch, FastAPI and the models live as long as the process: moved
+    # out of the garbage collector's view, a full collection no longer stalls a request ~0.1 s.
+    gc.collect()
+    gc.freeze()
+    server.run(sockets=[sock])
     return 0
 
 
