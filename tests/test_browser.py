@@ -1,10 +1,11 @@
 """The page in a real browser: headless Chromium (Debian's), driven by Selenium.
 
-Pointer input (a pen, then a mouse) draws on the canvas through WebDriver
-actions, which Chrome turns into real PointerEvents; the page must show both
-models' answers, read a vertical stroke as 1, clear, and answer again for a
-closed loop, an uploaded file and a dropped one. Nothing is downloaded:
-the system chromedriver is always given by path.
+Pointer input (a pen, a mouse, a finger) draws on the canvas through
+WebDriver actions, which Chrome turns into real PointerEvents; the page
+must show both models' answers, read a vertical stroke as 1, clear, and
+answer again for a closed loop, an uploaded file and a dropped one, on a
+desktop and a phone-sized screen. Nothing is downloaded: the system
+chromedriver is always given by path.
 
 Also a script, for the README's screenshot (real-MNIST models read the
 digit right; the fixture models are small):
@@ -33,10 +34,12 @@ from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions import interaction
 from selenium.webdriver.common.actions.action_builder import ActionBuilder
 from selenium.webdriver.common.actions.pointer_input import PointerInput
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from test_serve import canvas_stroke, scanned_digits, start_server  # noqa: E402
@@ -51,7 +54,6 @@ pytestmark = pytest.mark.e2e
 
 def chromium(download_dir: Path, width: int = 1180, height: int = 860):
     """Headless Chromium with the system driver (never Selenium Manager), logging the console."""
-
     options = Options()
     options.binary_location = str(CHROMIUM)
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -76,12 +78,14 @@ def browser(tmp_path):
 
 # --- driving the page -------------------------------------------------------------------
 
-def draw(driver, points: list[tuple[float, float]], kind: str = "mouse") -> None:
-    """One stroke through ``points`` (canvas pixels, 0-280) with a pointer of ``kind`` (mouse, pen)."""
+POINTERS = {"mouse": interaction.POINTER_MOUSE, "pen": interaction.POINTER_PEN, "touch": interaction.POINTER_TOUCH}
 
+
+def draw(driver, points: list[tuple[float, float]], kind: str = "mouse") -> None:
+    """One stroke through ``points`` (canvas pixels, 0-280) with a pointer of ``kind`` (mouse, pen, touch)."""
     canvas = driver.find_element(By.ID, "canvas")
     scale = canvas.size["width"] / SIDE  # CSS px per canvas pixel
-    pointer = PointerInput(interaction.POINTER_PEN if kind == "pen" else interaction.POINTER_MOUSE, kind)
+    pointer = PointerInput(POINTERS[kind], kind)
     actions = ActionBuilder(driver, mouse=pointer, duration=10)
 
     def offset(x: float, y: float) -> tuple[int, int]:  # WebDriver offsets are from the element's centre
@@ -109,12 +113,10 @@ def shown(driver) -> dict | None:
 
 
 def wait_for_answer(driver) -> dict:
-
     return WebDriverWait(driver, WAIT, poll_frequency=0.05).until(shown)
 
 
 def text(driver, element_id: str) -> str:
-
     return driver.find_element(By.ID, element_id).text
 
 
@@ -134,7 +136,6 @@ def console_errors(driver) -> list[str]:
 # --- the test -----------------------------------------------------------------------------
 
 def test_drawing_reads_digits_in_a_real_browser(browser, reproduced, tmp_path):
-
     server = start_server(reproduced)
     try:
         browser.get(server.url + "/")
@@ -165,7 +166,7 @@ def test_drawing_reads_digits_in_a_real_browser(browser, reproduced, tmp_path):
         draw(browser, loop(), kind="mouse")
         answer = wait_for_answer(browser)
         assert set(answer) == {"manual", "skorch"} and all(0 <= d <= 9 for d in answer.values())
-        assert browser.execute_script("return pointerTypes") == ["pen", "mouse"]
+        assert browser.execute_script("return pointerTypes") == ["pen", "mouse"]  # real PointerEvents
         browser.save_screenshot(str(tmp_path / "web_app.png"))
 
         # Undo takes the only stroke away; an uploaded file is read; so is a dropped one.
@@ -176,7 +177,8 @@ def test_drawing_reads_digits_in_a_real_browser(browser, reproduced, tmp_path):
         browser.find_element(By.ID, "file").send_keys(str(picture))
         assert set(wait_for_answer(browser)) == {"manual", "skorch"}
         assert "digit.png" in text(browser, "status")
-        browser.find_element(By.ID, "clear").click()
+        ActionChains(browser).send_keys(Keys.ESCAPE).perform()  # the keyboard's Clear
+        assert shown(browser) is None and not browser.find_element(By.ID, "picture").is_displayed()
         browser.execute_script("""
             const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
             const data = new DataTransfer();
@@ -186,13 +188,18 @@ def test_drawing_reads_digits_in_a_real_browser(browser, reproduced, tmp_path):
                                base64.b64encode(canvas_stroke()).decode())
         assert wait_for_answer(browser) == {"manual": 1, "skorch": 1}
 
-        # On a phone-sized screen: nothing wider than the screen, the answer right below the pad.
+        # On a phone-sized screen: nothing wider than the screen; a finger draws; the answer
+        # shows right below the pad.
         browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                 {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
         width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
         assert width == [390, 390], width
         assert browser.find_element(By.ID, "canvas").size["width"] >= 300
+        browser.find_element(By.ID, "clear").click()
+        draw(browser, vertical_stroke(), kind="touch")
+        assert wait_for_answer(browser) == {"manual": 1, "skorch": 1}
         assert text(browser, "mini-answer") == "manual 1 · skorch 1"
+        assert browser.execute_script("return pointerTypes") == ["pen", "mouse", "touch"]
 
         # A bad picture: the server's sentence, no crash.
         picture.write_bytes(b"not a picture")
