@@ -147,7 +147,8 @@ def test_drawing_reads_digits_in_a_real_browser(browser, reproduced, tmp_path):
             assert f"test accuracy: {metrics[name]['accuracy']:.2%}" in text(browser, f"model-{name}")
         browser.execute_script("""
             window.pointerTypes = [];
-            document.getElementById("canvas").addEventListener("pointerdown", (e) => pointerTypes.push(e.pointerType));""")
+            document.getElementById("canvas").addEventListener("pointerdown",
+                                                               (e) => pointerTypes.push(e.pointerType));""")
 
         # A "1", with a pen: both models read it.
         draw(browser, vertical_stroke(), kind="pen")
