@@ -33,7 +33,9 @@
   let drawQueued = false;
   let debounceTimer = 0;
   let requestId = 0;           // answers to older requests are ignored
-  let inFlight = 0;
+  let snapshot = 0;            // likewise PNGs of the canvas made before a newer one
+  let inFlight = 0;            // requests on their way
+  let encoding = 0;            // canvas PNGs being made
   let maxBytes = 2000000;      // updated from /api/health
   let pictureUrl = null;
 
@@ -134,7 +136,7 @@
   }
 
   function updateBusy() {
-    results.setAttribute("aria-busy", String(inFlight > 0 || debounceTimer !== 0));
+    results.setAttribute("aria-busy", String(inFlight > 0 || encoding > 0 || debounceTimer !== 0));
   }
 
   // --- talking to the server --------------------------------------------------
@@ -155,7 +157,8 @@
                                  : `${picture.dataset.name}: draw on the square to start again.`);
       } else {
         resetAnswer("No answer.");
-        setStatus(data.error ? `The server could not use this picture: ${data.error}.`
+        const what = picture.hidden ? "drawing" : "picture";
+        setStatus(data.error ? `The server could not use this ${what}: ${data.error}.`
                              : `The server answered ${response.status} ${response.statusText}.`, true);
       }
     } catch (err) {
@@ -174,11 +177,25 @@
     debounceTimer = 0;
     updateBusy();
     if (!strokes.length) return;
-    const id = requestId;
+    if (drawQueued) render();  // the PNG must hold the latest points
+    const mine = ++snapshot;
+    encoding++;
+    updateBusy();
     canvas.toBlob((blob) => {
-      // Cleared or replaced while the PNG was being made: nothing to send.
-      if (blob && id === requestId && strokes.length) send(blob, "image/png");
+      encoding--;
+      // A newer PNG is on its way, or the pad was cleared meanwhile: nothing to send.
+      if (blob && mine === snapshot && strokes.length) send(blob, "image/png");
+      else updateBusy();
     }, "image/png");
+  }
+
+  function forgetPending() {
+    // Answers and PNGs still on their way are for a drawing that is gone.
+    requestId++;
+    snapshot++;
+    clearTimeout(debounceTimer);
+    debounceTimer = 0;
+    updateBusy();
   }
 
   function schedulePrediction() {
@@ -249,7 +266,7 @@
     event.preventDefault();
     if (!picture.hidden) {  // drawing replaces an uploaded picture
       hidePicture();
-      requestId++;
+      forgetPending();
       resetAnswer("Nothing drawn yet.");
     }
     activePointer = event.pointerId;
@@ -284,10 +301,7 @@
     active = null;
     activePointer = null;
     hidePicture();
-    clearTimeout(debounceTimer);
-    debounceTimer = 0;
-    requestId++;  // answers still on their way are for the old drawing
-    updateBusy();
+    forgetPending();
     render();
     updateButtons();
     resetAnswer("Nothing drawn yet.");
@@ -302,7 +316,7 @@
     if (strokes.length) {
       predictDrawing();
     } else {
-      requestId++;
+      forgetPending();
       resetAnswer("Nothing drawn yet.");
     }
   }
@@ -339,8 +353,7 @@
     strokes = [];
     active = null;
     activePointer = null;
-    clearTimeout(debounceTimer);
-    debounceTimer = 0;
+    forgetPending();
     render();
     hidePicture();
     pictureUrl = URL.createObjectURL(file);
@@ -353,13 +366,15 @@
     setStatus(`Your picture: ${file.name}`);
     let body = file;
     if (file.size > maxBytes) {
+      const mine = ++snapshot;
       try {
         body = await shrink(file);
       } catch (err) {
         body = null;
       }
+      if (mine !== snapshot) return;  // drawn on, cleared or replaced while shrinking
       if (!body || body.size > maxBytes) {
-        requestId++;
+        forgetPending();
         resetAnswer("No answer.");
         setStatus(`${file.name} is too large to send (${(file.size / 1e6).toFixed(1)} MB; the limit is ` +
                   `${(maxBytes / 1e6).toFixed(0)} MB) and this browser cannot shrink it.`, true);
