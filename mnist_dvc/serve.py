@@ -324,8 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor(args.root, onnx=args.onnx, threads=1)
         warm_up(predictor)
-        app = create_app(predictor)
+        server = uvicorn_server(create_app(predictor))
         sock = listen(args.host, args.port)
+        # The ~250,000 objects of torch, FastAPI and the models live as long as the process:
+        # out of the garbage collector's view, a full collection no longer stalls a request ~0.1 s.
+        gc.collect()
+        gc.freeze()
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -335,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-    import uvicorn
-
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     accuracy = ", ".join(f"{name} {value:.2%}" for name, value in predictor.test_accuracy().items()
@@ -344,16 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mnist-dvc: {'ONNX Runtime' if args.onnx else 'PyTorch'} models from {args.root.resolve()}"
           + (f" (test accuracy: {accuracy})" if accuracy else ""))
     print(f"Serving on http://{url_host}:{port}/ (Ctrl+C to stop)", flush=True)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl+C: uvicorn has stopped serving; nothing more to say
+        pass
+    return 0
+
+
+def uvicorn_server(app):
+    import uvicorn
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             limit_concurrency=100, timeout_keep_alive=5, timeout_graceful_shutdown=3,
                             server_header=False)
-    server = uvicorn.Server(config)
-    # The ~250,000 objects of torch, FastAPI and the models live as long as the process: moved
-    # out of the garbage collector's view, a full collection no longer stalls a request ~0.1 s.
-    gc.collect()
-    gc.freeze()
-    server.run(sockets=[sock])
-    return 0
+    return uvicorn.Server(config)
 
 
 if __name__ == "__main__":
