@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from ruamel.yaml import YAML, YAMLError
 
 from mnist_dvc.stage import StageError
@@ -83,15 +83,31 @@ class ModelParams(Section):
     dropout: float = Field(ge=0, lt=1)
 
 
+class AugmentParams(Section):
+    shift: int = Field(ge=0, le=8)  # pixels, each direction
+    rotate: float = Field(ge=0, le=45)  # degrees, either way
+
+
 class TrainParams(Section):
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=1)
     lr: LearningRate
     optimizer: Literal["adam", "adamw", "sgd"]
     momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0, le=1)
+    schedule: Literal["constant", "onecycle", "cosine"]
+    warmup: float = Field(ge=0, lt=1)  # a fraction of all steps
+    augment: AugmentParams
     seed: int = Field(ge=0)
     threads: int = Field(ge=1, le=256)
     device: Literal["auto", "cpu", "cuda"]
+
+    @field_validator("warmup")
+    @classmethod
+    def _onecycle_warms_up(cls, warmup: float, info: ValidationInfo) -> float:
+        if info.data.get("schedule") == "onecycle" and warmup == 0:
+            raise ValueError("the onecycle schedule needs a warm-up fraction above 0 (its rising phase, e.g. 0.3)")
+        return warmup
 
 
 class EvaluateParams(Section):

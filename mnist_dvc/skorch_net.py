@@ -1,9 +1,10 @@
 """The shared MLP as a skorch ``NeuralNetClassifier``, with two small extensions.
 
 - ``TensorBatches``: a skorch iterator that slices whole batches out of
-  in-memory tensors in the order of a seeded permutation. skorch's default,
-  a ``DataLoader`` over a ``Dataset``, indexes and collates one sample at a
-  time, which costs more than the arithmetic of this small MLP.
+  in-memory tensors in the order of a seeded permutation, and augments
+  training batches with the same ``augment_batch`` call as the explicit loop.
+  skorch's default, a ``DataLoader`` over a ``Dataset``, indexes and collates
+  one sample at a time, which costs more than the arithmetic of this small MLP.
 - ``DvcLiveLogger``: DVCLive has no skorch integration, so this callback logs
   each epoch's history row (train/loss, val/loss, val/accuracy) to DVCLive.
 """
@@ -14,13 +15,14 @@ import math
 
 import torch
 from skorch import NeuralNetClassifier
-from skorch.callbacks import Callback
+from skorch.callbacks import Callback, LRScheduler
 from skorch.dataset import Dataset
 from skorch.helper import predefined_split
 from torch import nn
 
+from mnist_dvc.augment import augment_batch, augment_generator
 from mnist_dvc.data import N_CLASSES
-from mnist_dvc.model import MLP, OPTIMIZERS, optimizer_kwargs
+from mnist_dvc.model import MLP, OPTIMIZERS, lr_scheduler, needs_scheduler, optimizer_kwargs
 
 
 class TensorBatches:
@@ -29,15 +31,18 @@ class TensorBatches:
     With ``shuffle``, each iteration (epoch) draws a new permutation from
     ``generator``; the same generator object lives in the net's parameters,
     so the batch order is seeded, differs between epochs, and never touches
-    torch's global RNG.
+    torch's global RNG. ``augment`` = (shift, rotate) augments each batch
+    with draws from ``augment_generator`` (the training iterator only).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None):
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None,
+                 augment: tuple[int, float] = (0, 0.0), augment_generator=None):
         # scikit-learn (a Pipeline, GridSearchCV's folds) hands over numpy
         # arrays: view them as tensors, without a copy, so batches are tensors.
         self.X = torch.as_tensor(dataset.X)
         self.y = None if dataset.y is None else torch.as_tensor(dataset.y)
         self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
+        self.augment, self.augment_generator = augment, augment_generator
 
     def __len__(self) -> int:
         return math.ceil(len(self.X) / self.batch_size)
@@ -48,6 +53,8 @@ class TensorBatches:
         for start in range(0, n, self.batch_size):
             batch = order[start : start + self.batch_size] if self.shuffle else slice(start, start + self.batch_size)
             inputs = self.X[batch]
+            if any(self.augment):
+                inputs = augment_batch(inputs, self.augment_generator, *self.augment)
             # y is None when predicting; skorch ignores the placeholder then.
             targets = self.y[batch] if self.y is not None else torch.zeros(len(inputs))
             yield inputs, targets
@@ -93,17 +100,27 @@ def module_params(model_params, seed: int = 0) -> dict:
     }
 
 
-def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val_split=None, **overrides):
+def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val_split=None, n_train=None,
+              callbacks=(), **overrides):
     """A ``NeuralNetClassifier`` of the shared MLP with the ``train:`` hyperparameters.
 
     ``val_split`` is the preprocess validation split ``(images, labels)``,
     used as skorch's validation set via ``predefined_split``; without one,
     ``train_split=None``. skorch's default would instead hold out a random
     20% of the training data, silently training on less than the loop does.
+    A ``train.schedule`` other than constant (or a warm-up) adds skorch's
+    ``LRScheduler`` stepped every batch, whose length needs ``n_train``, the
+    number of training images. ``train.augment`` augments the training batches.
     """
     train_split = None
     if val_split is not None and len(val_split[0]):
         train_split = predefined_split(Dataset(*val_split))
+    callbacks = list(callbacks)
+    if needs_scheduler(train_params):
+        steps = train_params.epochs * math.ceil(n_train / train_params.batch_size)
+        callbacks.insert(0, ("lr_schedule", LRScheduler(
+            policy=lr_scheduler, step_every="batch", schedule=train_params.schedule, warmup=train_params.warmup,
+            total_steps=steps)))
     params = dict(
         module=MLP,
         **module_params(model_params, seed),
@@ -120,7 +137,10 @@ def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val
         iterator_train=TensorBatches,
         iterator_train__shuffle=True,
         iterator_train__generator=torch.Generator().manual_seed(seed),
+        iterator_train__augment=(train_params.augment.shift, train_params.augment.rotate),
+        iterator_train__augment_generator=augment_generator(seed),
         iterator_valid=TensorBatches,
+        callbacks=callbacks,
         train_split=train_split,
         device=device,
         # Only tensors are ever loaded: load_params refuses pickled code.

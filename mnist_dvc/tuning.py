@@ -23,10 +23,11 @@ def scale_and_flatten(images: np.ndarray) -> np.ndarray:
 
 class ReproducibleFit(Callback):
     """Before each fit, in whichever process runs it, pin torch's threads and
-    denormal handling (``configure_torch``) and seed the global RNG that
-    dropout draws from, so that a fit's result depends neither on where it
-    runs (one process, local workers, a Dask cluster) nor on the order of the
-    fits."""
+    denormal handling (``configure_torch``), so that a fit's result depends
+    neither on where it runs (one process, local workers, a Dask cluster) nor
+    on the order of the fits. Every draw of a fit comes from the net's own
+    seeded generators (init, batch order, dropout); torch's global RNG is
+    seeded too, as a guard for any draw that would not."""
 
     def __init__(self, threads: int = 1, seed: int = 0):
         self.threads, self.seed = threads, seed

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from mnist_dvc.data import load_split
 from mnist_dvc.model import configure_torch, resolve_device
 from mnist_dvc.params import load_section
@@ -30,10 +28,8 @@ def fit(model_params, train_params, train_split, val_split, live_dir=None):
     callbacks = [DvcLiveLogger(str(live_dir))] if live_dir is not None else []
     net = build_net(
         model_params, train_params, seed=train_params.seed, device=str(device),
-        val_split=val_split, callbacks=callbacks,
+        val_split=val_split, n_train=len(images), callbacks=callbacks,
     )
-    # Dropout masks come from torch's default generator, seeded like the loop's.
-    torch.manual_seed(train_params.seed)
     return net.fit(images, labels)
 
 

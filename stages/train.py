@@ -7,11 +7,16 @@ Out: models/mlp.pt (a state_dict); metrics/train/ (DVCLive: metrics.json and
 The data stays in memory as one float tensor; each epoch draws a permutation
 of indices from an explicit, seeded ``torch.Generator`` and slices whole
 batches out of it, so there is no per-sample Python work and no DataLoader.
+Options on top of the tutorial's loop (params.yaml ``train``): a learning-rate
+schedule stepped after every batch, weight decay, and augmentation of each
+batch (mnist_dvc/augment.py), all built by the same functions skorch's net
+uses (mnist_dvc/skorch_net.py), so that ``fit`` learns the same weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -19,12 +24,15 @@ import torch.nn.functional as F
 from dvclive import Live
 from tqdm import tqdm
 
+from mnist_dvc.augment import augment_batch, augment_generator
 from mnist_dvc.data import load_split
 from mnist_dvc.model import (
     build_mlp,
     build_optimizer,
     configure_torch,
     loss_and_accuracy,
+    lr_scheduler,
+    needs_scheduler,
     predict_logits,
     resolve_device,
 )
@@ -32,20 +40,25 @@ from mnist_dvc.params import load_section
 from mnist_dvc.stage import atomic_file, run_stage
 
 
-def train_epoch(model, optimizer, images, labels, batch_size, generator, desc="") -> float:
+def train_epoch(model, optimizer, images, labels, train_params, generators, scheduler=None, desc="") -> float:
     """One pass over the data in a seeded random order; returns the mean training loss."""
     model.train()
-    order = torch.randperm(len(images), generator=generator).to(images.device)
+    batch_size, augment = train_params.batch_size, (train_params.augment.shift, train_params.augment.rotate)
+    order = torch.randperm(len(images), generator=generators["batches"]).to(images.device)
     total_loss = torch.zeros((), device=images.device)
     steps = range(0, len(images), batch_size)
     for start in tqdm(steps, desc=desc, leave=False, mininterval=0.5, disable=None):
         batch = order[start : start + batch_size]
         inputs, targets = images[batch], labels[batch]
+        if any(augment):
+            inputs = augment_batch(inputs, generators["augment"], *augment)
         optimizer.zero_grad()
         logits = model(inputs)
         loss = F.cross_entropy(logits, targets)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total_loss += loss.detach() * len(batch)
     return total_loss.item() / len(images)
 
@@ -57,13 +70,17 @@ def train(model_params, train_params, train_split, val_split, live=None):
     optimizer = build_optimizer(model.parameters(), train_params)
     images, labels = (t.to(device) for t in train_split)
     val_images, val_labels = (t.to(device) for t in val_split)
-    # One generator for batch order; dropout masks come from torch's default
-    # generator, seeded here from the same base seed.
-    generator = torch.Generator().manual_seed(train_params.seed)
-    torch.manual_seed(train_params.seed)
+    # Every draw from an explicit generator seeded by train.seed, as skorch's
+    # net does: batch order, augmentation (dropout masks: the model's own).
+    generators = {"batches": torch.Generator().manual_seed(train_params.seed),
+                  "augment": augment_generator(train_params.seed)}
+    scheduler = None
+    if needs_scheduler(train_params):
+        total_steps = train_params.epochs * math.ceil(len(images) / train_params.batch_size)
+        scheduler = lr_scheduler(optimizer, train_params.schedule, train_params.warmup, total_steps)
     for epoch in range(1, train_params.epochs + 1):
         desc = f"epoch {epoch}/{train_params.epochs}"
-        train_loss = train_epoch(model, optimizer, images, labels, train_params.batch_size, generator, desc)
+        train_loss = train_epoch(model, optimizer, images, labels, train_params, generators, scheduler, desc)
         line = f"{desc}: train/loss {train_loss:.4f}"
         if live is not None:
             live.log_metric("train/loss", train_loss)

@@ -1,7 +1,7 @@
 """tune: grid search over the skorch MLP inside a scikit-learn Pipeline.
 
-In:  data/processed/train.pt; params.yaml ``tune``, ``model`` (activation,
-     dropout) and ``train`` (optimizer, momentum, threads, device).
+In:  data/processed/train_*.npy; params.yaml ``tune``, ``model`` (activation,
+     dropout) and ``train`` (optimizer, momentum, weight_decay, threads, device).
 Out: metrics/tune.json             best_score, best_params (lr, hidden,
                                    max_epochs, as in tune.grid), n_candidates, cv, subset_size
      metrics/tune_results.csv      one row per grid point: its parameters and CV scores
@@ -62,8 +62,13 @@ def build_search(model_params, train_params, tune_params) -> GridSearchCV:
     # Every fit uses train.threads threads, wherever it runs: CPU results are
     # bit-identical for the same thread count, so n_jobs and the cluster never
     # change them. (n_jobs x train.threads should not exceed the cores.)
+    # The grid varies epochs and width: it is searched with the tutorial's
+    # plain training (constant lr, no augmentation); train.schedule, warmup
+    # and augment apply to train and fit only.
+    plain = train_params.model_copy(update={"schedule": "constant", "warmup": 0.0,
+                                            "augment": train_params.augment.model_copy(update={"shift": 0, "rotate": 0.0})})
     net = build_net(
-        model_params, train_params, seed=tune_params.seed, device=str(resolve_device(train_params.device)),
+        model_params, plain, seed=tune_params.seed, device=str(resolve_device(train_params.device)),
         batch_size=tune_params.batch_size, verbose=0,  # train_split stays None: the folds validate
         callbacks=[ReproducibleFit(train_params.threads, tune_params.seed)],
     )

@@ -76,6 +76,16 @@ BAD_VALUES = [
     ("train.lr", float("nan"), ["finite number"]),
     ("train.optimizer", "rmsprop", ["'adam', 'adamw' or 'sgd'"]),
     ("train.momentum", 1.0, ["less than 1"]),
+    ("train.weight_decay", -0.01, ["greater than or equal to 0"]),
+    ("train.weight_decay", 2, ["less than or equal to 1"]),
+    ("train.schedule", "step", ["'constant', 'onecycle' or 'cosine'"]),
+    ("train.warmup", 1.0, ["less than 1"]),
+    ("train.warmup", -0.1, ["greater than or equal to 0"]),
+    ("train.augment", 2, ["valid dictionary"]),
+    ("train.augment.shift", 9, ["less than or equal to 8"]),
+    ("train.augment.shift", 1.5, ["valid integer"]),
+    ("train.augment.rotate", 90, ["less than or equal to 45"]),
+    ("train.augment.rotate", -5, ["greater than or equal to 0"]),
     ("train.seed", -1, ["greater than or equal to 0"]),
     ("train.threads", 0, ["greater than or equal to 1"]),
     ("train.threads", 257, ["less than or equal to 256"]),
@@ -196,7 +206,9 @@ def test_missing_key_is_rejected_naming_the_full_key(tmp_path, key):
 @pytest.mark.parametrize(
     "key, allowed",
     [
-        ("train.learning_rate", "epochs, batch_size, lr, optimizer, momentum, seed, threads, device"),
+        ("train.learning_rate", "epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup, "
+                                "augment, seed, threads, device"),
+        ("train.augment.scale", "shift, rotate"),
         ("model.layers", "hidden, activation, dropout"),
         ("download.mirror", "mirrors, md5, retries, timeout, backoff"),
         ("download.md5.train_image", "train_images, train_labels, test_images, test_labels"),
@@ -208,6 +220,17 @@ def test_unknown_key_typo_is_rejected_listing_the_allowed_keys(tmp_path, key, al
     message = load_error(with_value(tmp_path, key, 0.01), key.split(".")[0])
     assert "\n" not in message
     assert f"{key}: unknown key (allowed keys: {allowed})" in message
+
+
+def test_onecycle_without_a_warm_up_is_refused_naming_the_key(tmp_path):
+    params = copy.deepcopy(REPO_PARAMS)
+    set_key(params, "train.schedule", "onecycle")
+    set_key(params, "train.warmup", 0.0)
+    message = load_error(write(tmp_path, params), "train")
+    assert "\n" not in message
+    assert "train.warmup = 0.0: the onecycle schedule needs a warm-up fraction above 0" in message
+    set_key(params, "train.warmup", 0.3)
+    assert load_section("train", write(tmp_path, params)).warmup == 0.3
 
 
 def test_several_bad_values_are_all_reported_on_one_line(tmp_path):

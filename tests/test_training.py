@@ -75,15 +75,73 @@ def test_fit_trains_on_the_whole_training_split_and_validates_on_the_predefined_
     assert sum(b.get("valid_batch_size", 0) for b in epoch["batches"]) == len(val_split[0])
 
 
-def test_skorch_fit_and_explicit_loop_learn_bit_identical_weights(prepared):
-    # Same init seed, same batch order (one seeded permutation per epoch), same
-    # loss and optimizer: skorch adds bookkeeping, not different arithmetic.
+# The tutorial's defaults, then every option that changes what a training draws or
+# computes, alone and all together (dropout included: its masks must match too).
+RECIPES = {
+    "defaults": {},
+    "dropout": {"model": {"dropout": 0.2, "hidden": [64, 32]}},
+    "onecycle": {"train": {"schedule": "onecycle", "warmup": 0.3}},
+    "cosine with warm-up": {"train": {"schedule": "cosine", "warmup": 0.1}},
+    "constant with warm-up": {"train": {"warmup": 0.2}},
+    "weight decay (adamw)": {"train": {"optimizer": "adamw", "weight_decay": 0.05}},
+    "shifts": {"train": {"augment": {"shift": 2, "rotate": 0.0}}},
+    "shifts and rotations": {"train": {"augment": {"shift": 2, "rotate": 10.0}}},
+    "everything": {"model": {"dropout": 0.1}, "train": {"schedule": "onecycle", "warmup": 0.25,
+                                                        "weight_decay": 1e-4, "augment": {"shift": 2, "rotate": 8.0}}},
+}
+
+
+def sections_with(changes: dict):
+    """params.yaml's model and train sections (in the cwd) with ``changes`` applied."""
+    sections = {name: load_section(name) for name in ("model", "train")}
+    for name, update in changes.items():
+        update = dict(update)
+        if "augment" in update:
+            update["augment"] = sections[name].augment.model_copy(update=update["augment"])
+        sections[name] = sections[name].model_copy(update=update)
+    return sections["model"], sections["train"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_skorch_fit_and_explicit_loop_learn_bit_identical_weights(prepared, recipe):
+    # Same init seed, same batch order (one seeded permutation per epoch), the
+    # same augmentations, dropout masks and learning rates from the same seeded
+    # generators and schedule, same loss and optimizer: skorch adds
+    # bookkeeping, not different arithmetic.
     train_split, val_split = splits(prepared)
-    model_params, train_params = load_section("model"), load_section("train")
+    model_params, train_params = sections_with(RECIPES[recipe])
     loop = train_stage.train(model_params, train_params, train_split, val_split)
+    torch.rand(100)  # the global RNG moved between the two: it must not matter
     net = fit_stage.fit(model_params, train_params, train_split, val_split)
     for (name, a), b in zip(loop.state_dict().items(), net.module_.state_dict().values()):
         assert torch.equal(a, b), name
+    if train_params.schedule != "constant" or train_params.warmup:
+        # skorch's LRScheduler stepped every batch, through the same schedule as the loop.
+        lrs = [lr for epoch in net.history for lr in (b["event_lr"] for b in epoch["batches"] if "event_lr" in b)]
+        assert len(lrs) == train_params.epochs * -(-len(train_split[0]) // train_params.batch_size)
+        assert max(lrs) <= train_params.lr + 1e-12 and len(set(lrs)) > 2
+
+
+def test_each_option_changes_what_is_learnt(prepared):
+    # An option that did nothing would pass the identity test above too.
+    train_split, val_split = splits(prepared)
+    baseline = train_stage.train(*sections_with({}), train_split, val_split).state_dict()
+    for recipe in ("onecycle", "cosine with warm-up", "weight decay (adamw)", "shifts", "shifts and rotations"):
+        changed = train_stage.train(*sections_with(RECIPES[recipe]), train_split, val_split).state_dict()
+        assert not all(torch.equal(a, b) for a, b in zip(baseline.values(), changed.values())), recipe
+
+
+def test_dropout_masks_depend_on_the_seed_only_and_vanish_in_eval_mode():
+    model = MLP([64], dropout=0.5, seed=3).train()
+    x = torch.ones(8, 28, 28)
+    torch.manual_seed(123)
+    first = MLP([64], dropout=0.5, seed=3).train()(x)
+    torch.manual_seed(456)
+    second = MLP([64], dropout=0.5, seed=3).train()(x)
+    assert torch.equal(first, second)  # the global RNG plays no part
+    assert not torch.equal(first, MLP([64], dropout=0.5, seed=4).train()(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
 
 
 def run_main(stage, folder: Path, name: str) -> Path:
