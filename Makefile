@@ -2,14 +2,16 @@
 #   make repro   create .venv if missing, install the project, run `dvc repro`
 #   make test    the same set-up plus the test extras, then pytest
 #   make setup   only the set-up (e.g. before `dvc pull`)
+#   make predict IMAGES="a.png b.jpg"   classify your own pictures with both models
 #   make serve   the web app over the trained models: http://127.0.0.1:8000
+#   make best    the best recipe (>= 0.99 test accuracy) as the named experiment "best"
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 # Make the venv's python the `python` that dvc.yaml's commands run.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro serve test bench clean-venv
+.PHONY: setup repro predict serve best test bench bench-pipeline bench-serve bench-cluster clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,17 @@ setup: $(VENV)/.installed
 repro: $(VENV)/.installed
 	$(BIN)/dvc repro
 
+predict: $(VENV)/.installed
+	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="a.png b.jpg"'; exit 2; }
+	$(BIN)/python -m mnist_dvc.predict $(IMAGES)
+
+# The recipe of docs/experiments.md on top of the committed (tutorial) params:
+# a wider MLP, a one-cycle schedule, and shifted and turned training images.
+BEST := -S 'model.hidden=[800]' -S train.epochs=30 -S train.batch_size=128 -S train.lr=0.002 \
+	-S train.schedule=onecycle -S train.warmup=0.25 -S train.augment.shift=2 -S train.augment.rotate=10
+best: $(VENV)/.installed
+	$(BIN)/dvc exp run -n best $(BEST)
+
 # Draw a digit in the browser; SERVE_ARGS="--onnx --port 8080" passes options.
 serve: $(VENV)/.installed
 	$(BIN)/python -m mnist_dvc.serve $(SERVE_ARGS)
@@ -37,6 +50,18 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/epoch_speed.py --memory
+
+# Each stage's wall time and import time, and a forced `dvc repro` (docs/performance.md).
+bench-pipeline: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/pipeline_time.py
+
+# A burst of requests against the web app (docs/web-app.md).
+bench-serve: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/serve_load.py
+
+# The tune grid locally and on a loopback Dask cluster (docs/cluster.md).
+bench-cluster: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/tune_cluster.py
 
 clean-venv:
 	rm -rf $(VENV)

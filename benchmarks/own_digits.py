@@ -14,14 +14,14 @@ passes each one's encoded bytes through ``mnist_dvc.images.to_mnist``, as the
   transparent RGBA canvas (what an HTML canvas's ``toBlob()`` gives), a
   quarter of them white on a canvas filled black, as PNG.
 
-Then it classifies them with both trained models (``mlp.pt`` and
-``skorch_params.pt`` in ``--models``, state dicts of ``MLP([128])``), and,
+Then it classifies them with both trained models (``models/mlp.pt`` and
+``models/skorch_params.pt`` under ``--root``, as ``predict`` does), and,
 for comparison, classifies a plain ``resize((28, 28))`` of the same pictures.
 It writes a contact sheet (``--sheet``): some pictures, the 28x28 input each
 became, and the predicted digit.
 
 Usage:
-    .venv/bin/python benchmarks/own_digits.py [--models models] [--out DIR] [--seed 0]
+    .venv/bin/python benchmarks/own_digits.py [--root .] [--out DIR] [--seed 0] [--min-accuracy 0.85]
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 from mnist_dvc.figures import plt, save_png  # noqa: E402  (selects the Agg backend)
 from mnist_dvc.images import ImageError, to_mnist  # noqa: E402
-from mnist_dvc.model import MLP  # noqa: E402
+from mnist_dvc.inference import MODELS, Predictor  # noqa: E402
+from mnist_dvc.stage import StageError  # noqa: E402
 
 CATEGORIES = ("typeset", "photo", "canvas")
-MODEL_FILES = {"mlp": "mlp.pt", "skorch": "skorch_params.pt"}
 MPL_FONTS = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
              "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
              "DejaVuSerif-Italic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
@@ -237,19 +236,6 @@ def canvas(rng: np.random.Generator) -> list[tuple[str, int, bytes]]:
 
 # --- classification ------------------------------------------------------------------
 
-def load_models(folder: Path) -> dict[str, MLP]:
-    models = {}
-    for name, file in MODEL_FILES.items():
-        path = folder / file
-        if not path.exists():
-            sys.exit(f"error: {path} not found (run `dvc repro` or `dvc pull`, or pass --models)")
-        model = MLP([128])
-        model.load_state_dict(torch.load(path, weights_only=True))
-        model.eval()
-        models[name] = model
-    return models
-
-
 def plain_resize(data: bytes) -> np.ndarray:
     """The naive input: the picture resized to 28x28, greyscale, as is."""
     with Image.open(io.BytesIO(data)) as img:
@@ -263,11 +249,6 @@ def safe_to_mnist(name: str, data: bytes, refused: list[str]) -> np.ndarray:
     except ImageError as exc:
         refused.append(f"{name}: {exc}")
         return np.zeros((28, 28), np.float32)
-
-
-@torch.no_grad()
-def predict(model: MLP, inputs: np.ndarray) -> np.ndarray:
-    return model(torch.from_numpy(inputs)).argmax(1).numpy()
 
 
 def contact_sheet(path: Path, samples: list[tuple[str, int, bytes, np.ndarray, int]]) -> None:
@@ -286,7 +267,7 @@ def contact_sheet(path: Path, samples: list[tuple[str, int, bytes, np.ndarray, i
         for ax in axes[:, col]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("own digits: picture (top), the 28x28 input to_mnist made, true -> predicted (MLP)", fontsize=9)
+    fig.suptitle("own digits: picture (top), the 28x28 input to_mnist made, true -> predicted (manual)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(fig, path, dpi=100)
@@ -294,14 +275,23 @@ def contact_sheet(path: Path, samples: list[tuple[str, int, bytes, np.ndarray, i
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=Path("models"), help="folder with mlp.pt and skorch_params.pt")
+    parser.add_argument("--root", type=Path, default=Path("."),
+                        help="the project folder with models/ and params.yaml (default: the current one)")
+    parser.add_argument("--min-accuracy", type=float, default=0.0,
+                        help="exit 1 if either model's overall accuracy (after to_mnist) is below this")
     parser.add_argument("--out", type=Path, help="save the generated pictures (by category) here")
     parser.add_argument("--sheet", type=Path, default=ROOT / "docs" / "images" / "own_digits.png",
                         help="where to write the contact sheet")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    models = load_models(args.models)
-    torch.set_num_threads(1)
+    try:
+        predictor = Predictor(args.root)
+    except StageError as exc:
+        sys.exit(f"error: {exc}")
+    models = {name: name for name in MODELS}
+
+    def predict(name: str, inputs: np.ndarray) -> np.ndarray:
+        return predictor.probabilities(inputs)[name].argmax(1)
 
     start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -324,11 +314,11 @@ def main(argv=None) -> None:
         plain = np.stack([plain_resize(data) for _, _, data in items])
         results[category] = (items, inputs, {})
         row = [category, len(items)]
-        for name, model in models.items():
-            pred = predict(model, inputs)
+        for name in models:
+            pred = predict(name, inputs)
             results[category][2][name] = pred
             row.append((pred == labels).mean())
-        row += [(predict(model, plain) == labels).mean() for model in models.values()]
+        row += [(predict(name, plain) == labels).mean() for name in models]
         rows.append(row)
 
     total = sum(r[1] for r in rows)
@@ -351,18 +341,21 @@ def main(argv=None) -> None:
     samples = []
     for category, (items, inputs, preds) in results.items():
         labels = np.array([label for _, label, _ in items])
-        wrong = np.flatnonzero(preds["mlp"] != labels)
-        right = np.flatnonzero(preds["mlp"] == labels)
+        wrong = np.flatnonzero(preds["manual"] != labels)
+        right = np.flatnonzero(preds["manual"] == labels)
         chosen = list(pick.choice(right, 4 - min(1, len(wrong)), replace=False))
         chosen += list(pick.choice(wrong, min(1, len(wrong)), replace=False))
         for index in sorted(chosen):
             name, label, data = items[index]
             samples.append((f"{category}: {name.split('-')[0]}" if category == "typeset" else category,
-                            label, data, inputs[index], int(preds["mlp"][index])))
+                            label, data, inputs[index], int(preds["manual"][index])))
     contact_sheet(args.sheet, samples)
     if args.out:
         contact_sheet(args.out / "contact_sheet.png", samples)
     print(f"contact sheet: {args.sheet}")
+    worst = min(overall[2:2 + len(models)])
+    if worst < args.min_accuracy:
+        sys.exit(f"error: overall accuracy {worst:.3f} is below --min-accuracy {args.min_accuracy}")
 
 
 if __name__ == "__main__":
