@@ -53,10 +53,7 @@ RERUN_RULES = [
     # train.* (train.lr): test_a_train_param_reruns_exactly_the_trainings_and_what_follows_and_diffs_show_it
     # tune reads model.activation and model.dropout (and part of train): it reruns too.
     ("model.dropout", 0.1, AFTER_TRAINING | {"tune"}),
-    # The training options: train and fit read the whole train section; tune
-    # shares the optimizer's settings (weight_decay), not the schedule or augmentation.
-    ("train.schedule", "cosine", AFTER_TRAINING),
-    ("train.augment", {"shift": 1, "rotate": 0.0}, AFTER_TRAINING),
+    # tune shares the optimizer's settings (weight_decay), not the schedule or augmentation.
     ("train.weight_decay", 0.01, AFTER_TRAINING | {"tune"}),
     ("plot.misclassified", 10, {"plot"}),
     ("tune.cv", 3, {"tune"}),
@@ -81,6 +78,29 @@ def test_changing_a_param_reruns_exactly_the_stages_that_read_it(copy_project, k
     repo = copy_project()
     set_param(repo, key, value)
     assert ran_stages(dvc("repro", cwd=repo).stdout) == expected
+
+
+# The other training options: which stages read them, from `dvc status` (no run
+# needed: a stage reruns when a param it reads changed, and what follows a
+# training reruns because the model changed, as the real runs above show).
+OPTION_READERS = [
+    ("train.schedule", "cosine", {"train", "fit"}),
+    ("train.warmup", 0.1, {"train", "fit"}),
+    ("train.augment", {"shift": 1, "rotate": 5.0}, {"train", "fit"}),
+    ("train.weight_decay", 0.01, {"train", "fit", "tune"}),
+    ("model.hidden", [64], {"train", "fit", "evaluate", "export"}),
+]
+
+
+@pytest.mark.parametrize("key, value, readers", OPTION_READERS, ids=[rule[0] for rule in OPTION_READERS])
+def test_dvc_status_shows_exactly_the_stages_that_read_each_option(copy_project, key, value, readers):
+    repo = copy_project()
+    set_param(repo, key, value)
+    status = json.loads(dvc("status", "--json", cwd=repo).stdout)
+    assert set(status) == readers, status
+    for stage in readers:
+        tracked = key if stage == "tune" else key.split(".")[0]  # tune lists keys; the others whole sections
+        assert status[stage] == [{"changed deps": {"params.yaml": {tracked: "modified"}}}], status[stage]
 
 
 def test_editing_a_shared_module_reruns_exactly_the_stages_that_import_it(copy_project):
