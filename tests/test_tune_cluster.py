@@ -153,6 +153,7 @@ def start_cluster(tmp_path):
         empty = folder / "cwd"  # the processes' working directory: nothing of the repository
         empty.mkdir(parents=True)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", ENV_VAR)}
+        env["DASK_TEMPORARY_DIRECTORY"] = str(folder / "tmp")  # scratch space, uploaded zips: all in here
         broken_env = dict(env)
         if broken:
             fake = folder / "no-skorch" / "skorch"
@@ -174,11 +175,12 @@ def start_cluster(tmp_path):
                env=broken_env if broken == "scheduler" else env)
         for i in range(workers):
             launch(f"w{i}", "worker", cluster.address, "--name", f"w{i}", "--nthreads", "1", "--no-nanny",
-                   "--no-dashboard", "--host", "127.0.0.1", "--local-directory", str(folder / f"w{i}"),
+                   "--no-dashboard", "--host", "127.0.0.1",
                    env=broken_env if broken == "worker" else env)
         try:
             with cluster.client() as client:
-                client.wait_for_workers(workers, timeout=60)
+                if workers:
+                    client.wait_for_workers(workers, timeout=60)
                 client.register_plugin(TaskLog())
                 client.register_plugin(DataLog())
         except Exception:
@@ -327,6 +329,17 @@ def test_an_unreachable_scheduler_fails_in_one_line_and_replaces_nothing(copy_pr
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: could not reach the Dask scheduler at {address}")
     assert ENV_VAR in lines[0]
+    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
+
+
+def test_a_scheduler_without_workers_fails_in_one_line_after_the_no_workers_timeout(copy_project, start_cluster):
+    repo = copy_project()
+    cluster = start_cluster(workers=0)
+    env = {**cluster_env(cluster.address), "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "2s"}
+    result = run(*stage_command("tune"), cwd=repo, env=env, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == (f"error: the Dask scheduler at {cluster.address} has no workers (waited 2 s); "
+                             f"start some with `dask worker {cluster.address}`\n")
     assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
 
 
