@@ -78,6 +78,12 @@ def local_workers():
     3-4 s each. At the default grid on 2 cores: n_jobs 1 took 15.2 s, loky
     with n_jobs 2 14.1 s, forked workers 10.5 s, with byte-identical results.
     Elsewhere (macOS, Windows: no safe fork) joblib's default is kept.
+
+    The workers get SIGTERM's default action back (``initializer``): the
+    pool ends them with SIGTERM when the search is done, and the handler
+    they inherit from run_stage turns it into an exception, which joblib's
+    task wrapper can swallow; such a worker lived on and the stage waited
+    for it forever (6 runs in 30 on a busy 2-core machine).
     """
     import multiprocessing
     import sys
@@ -86,7 +92,15 @@ def local_workers():
 
     if sys.platform != "linux":
         return contextlib.nullcontext()
-    return joblib.parallel_config(backend="multiprocessing", context=multiprocessing.get_context("fork"))
+    return joblib.parallel_config(backend="multiprocessing", context=multiprocessing.get_context("fork"),
+                                  initializer=default_sigterm)
+
+
+def default_sigterm() -> None:
+    """In a forked worker: SIGTERM ends the process, as ``Pool.terminate()`` expects."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def results_table(cv_results: dict, n_splits: int) -> list[dict]:
