@@ -87,14 +87,20 @@ def ship_package(client) -> None:
 
 @contextlib.contextmanager
 def quiet_distributed():
-    """Keep distributed's own log lines (connection retries, tracebacks) out of the stage's output."""
-    logger = logging.getLogger("distributed")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """Keep the log lines of distributed (and of tornado and asyncio under it) out of the
+    stage's output: connection retries, the traceback of a lost scheduler. Some of its
+    loggers have a level and a handler of their own, so each is silenced."""
+    names = [name for name in ["distributed", "tornado", "asyncio", *logging.root.manager.loggerDict]
+             if name.split(".")[0] in ("distributed", "tornado", "asyncio")]
+    loggers = [logging.getLogger(name) for name in dict.fromkeys(names)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def connect(address: str):
@@ -146,10 +152,11 @@ def _backend(client, inputs: dict):
     raises it, as it does a task that Dask cancelled. ``fail_waiting`` fails
     every call still running (the cluster has lost all its workers).
     """
+    import asyncio
+    import concurrent.futures
     import threading
     import uuid
     import warnings
-    from asyncio import CancelledError
 
     import numpy as np
     from joblib._dask import DaskDistributedBackend  # the class behind backend="dask"
@@ -185,7 +192,9 @@ def _backend(client, inputs: dict):
             return future
 
         def retrieve_result_callback(self, out):
-            if isinstance(out, CancelledError):
+            # A task Dask cancelled (lost scheduler, lost data) comes as a
+            # result: distributed's FutureCancelledError, or asyncio's.
+            if isinstance(out, (concurrent.futures.CancelledError, asyncio.CancelledError)):
                 raise ClusterTaskError(out)
             return super().retrieve_result_callback(out)
 
@@ -271,25 +280,27 @@ def fit_on_cluster(search, images, labels, address: str):
     from sklearn.model_selection import check_cv
 
     client = connect(address)
-    try:
-        timeout = workers_timeout()
-        workers = wait_for_workers(client, address, timeout)
-        print(f"tune: running the grid search on {address} ({workers} worker{'s' * (workers != 1)})")
-        ship_package(client)
-        # The folds' indices as arrays, the very objects GridSearchCV then
-        # passes to the fits with the data (the same folds as its own split).
-        folds = list(check_cv(search.cv, labels, classifier=True).split(images, labels))
-        inputs = {"images": images, "labels": labels}
-        for k, (train, test) in enumerate(folds):
-            inputs.update({f"fold{k}-train": train, f"fold{k}-test": test})
-        # n_jobs=-1: as many fits at a time as the cluster has worker threads.
-        search.set_params(cv=folds, n_jobs=-1)
-        backend = _backend(client, inputs)
-        with joblib.parallel_config(backend=backend), watch_workers(client, address, backend, timeout):
-            return search.fit(images, labels)
-    except ClusterTaskError as exc:
-        raise StageError(f"a grid-search task failed on the Dask cluster at {address} "
-                         f"({_describe(exc.args[0])}); see the scheduler's and workers' logs") from None
-    finally:
-        with quiet_distributed():
+    # distributed's own log lines (a lost scheduler, a lost worker) stay out
+    # of the stage's output: how the search ended is the stage's one line.
+    with quiet_distributed():
+        try:
+            timeout = workers_timeout()
+            workers = wait_for_workers(client, address, timeout)
+            print(f"tune: running the grid search on {address} ({workers} worker{'s' * (workers != 1)})")
+            ship_package(client)
+            # The folds' indices as arrays, the very objects GridSearchCV then
+            # passes to the fits with the data (the same folds as its own split).
+            folds = list(check_cv(search.cv, labels, classifier=True).split(images, labels))
+            inputs = {"images": images, "labels": labels}
+            for k, (train, test) in enumerate(folds):
+                inputs.update({f"fold{k}-train": train, f"fold{k}-test": test})
+            # n_jobs=-1: as many fits at a time as the cluster has worker threads.
+            search.set_params(cv=folds, n_jobs=-1)
+            backend = _backend(client, inputs)
+            with joblib.parallel_config(backend=backend), watch_workers(client, address, backend, timeout):
+                return search.fit(images, labels)
+        except ClusterTaskError as exc:
+            raise StageError(f"a grid-search task failed on the Dask cluster at {address} "
+                             f"({_describe(exc.args[0])}); see the scheduler's and workers' logs") from None
+        finally:
             client.close()
