@@ -29,10 +29,11 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+import yaml
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
-from conftest import ran_stages, sh, stage_command, tool_env
+from conftest import ran_stages, set_key, sh, stage_command, tool_env
 from mnist_dvc.cluster import connect
 from mnist_dvc.stage import StageError
 
@@ -349,6 +350,37 @@ def test_a_worker_killed_mid_search_loses_nothing(copy_project, start_cluster, t
     assert result.returncode == 0, result.stderr
     for path in OUTPUTS:
         assert (repo / path).read_bytes() == (tmp_path / Path(path).name).read_bytes(), path
+
+
+def test_a_scheduler_lost_mid_search_ends_the_stage_in_one_line(copy_project, start_cluster):
+    repo = copy_project()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for setting in LONG_SEARCH:
+        key, value = setting.split("=")
+        set_key(params, key, yaml.safe_load(value))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cluster = start_cluster(workers=2)
+    stage = subprocess.Popen([*stage_command("tune")], cwd=repo, env=cluster_env(cluster.address),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with cluster.client() as client:
+            for w in client.scheduler_info(n_workers=-1)["workers"]:
+                warm_up(client, w)
+            deadline = time.monotonic() + 120
+            while not client.run_on_scheduler(scheduler_state)["completed"]:
+                assert time.monotonic() < deadline and stage.poll() is None, "no fit completed"
+                time.sleep(0.05)
+            cluster.kill("scheduler")
+        start = time.monotonic()
+        out, err = stage.communicate(timeout=60)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    assert stage.returncode == 1, out + err
+    assert time.monotonic() - start < 20
+    assert err.splitlines() == [err.strip()] and err.startswith(f"{TUNE_ERROR} {cluster.address} ("), err
+    assert "scheduler-connection-lost" in err
+    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
 
 
 def test_an_unreachable_scheduler_fails_in_one_line_and_replaces_nothing(copy_project):
