@@ -83,10 +83,10 @@ def default_sigterm() -> None:
     """In a forked worker: SIGTERM ends the process, as it does by default.
 
     A worker inherits the stage's SIGTERM handler (mnist_dvc/stage.py), which
-    raises an exception in the main thread. When the pool terminates its
-    workers, the signal can reach another thread of the worker while the main
-    thread waits on a lock: the exception never comes and the pool waits
-    forever (seen about once in ten runs on 2 busy cores).
+    turns the signal into an exception. When the pool ends its workers with
+    SIGTERM, that exception does not always end a worker (it can be caught
+    inside a task, or never reach a main thread blocked on the pool's lock),
+    and the pool waited for it forever: about once in ten runs on 2 busy cores.
     """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

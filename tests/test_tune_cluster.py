@@ -1,0 +1,441 @@
+"""The tune stage's grid search on a real Dask cluster (mnist_dvc/cluster.py), end to end.
+
+Each test starts its own loopback cluster: a `dask scheduler` and `dask
+worker` processes (one thread each, no nanny), each in its own process group,
+on free ports, from an empty folder outside the repository and with no
+PYTHONPATH: the workers have the project's dependencies, not its checkout, as
+on other machines. The stage runs against them through `dvc repro` or `dvc
+exp run` with DASK_SCHEDULER_ADDRESS set. The ``reproduced`` project ran tune
+locally (forked workers) with the committed params: its committed outputs are
+the local reference the cluster's must equal byte for byte.
+
+What happened on the cluster is read from it, not from the stage's output:
+a scheduler plugin (``TaskLog``) records which worker completed each
+grid-search task and which data keys the task depended on, a worker plugin
+(``DataLog``) records every piece of data that arrived on its worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import yaml
+from distributed import Client
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+
+from conftest import ran_stages, set_key, sh, stage_command, tool_env
+from mnist_dvc.cluster import connect
+from mnist_dvc.stage import StageError
+
+pytestmark = pytest.mark.e2e
+
+# The plugins and the functions run on the cluster are defined here: the
+# scheduler and workers cannot import this module, so they travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DASK = Path(sys.executable).parent / "dask"
+ENV_VAR = "DASK_SCHEDULER_ADDRESS"
+OUTPUTS = ["metrics/tune.json", "metrics/tune_results.csv", "metrics/tune_cv_accuracy.png"]
+TUNE_ERROR = "error: a grid-search task failed on the Dask cluster at"
+
+
+# --- what the cluster records --------------------------------------------------
+
+class TaskLog(SchedulerPlugin):
+    """On the scheduler: each completed grid-search task, its worker and the keys it depended on."""
+
+    name = "test-task-log"
+
+    def __init__(self):
+        self.completed = []  # (key, worker address, {dependency keys})
+
+    async def start(self, scheduler):
+        self.scheduler = scheduler
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if start == "processing" and finish == "memory" and str(key).startswith("batch_of_"):
+            deps = {dep.key for dep in self.scheduler.tasks[key].dependencies}
+            self.completed.append((key, kwargs.get("worker"), deps))
+
+
+class DataLog(WorkerPlugin):
+    """On a worker: every key whose value came into its memory, computed there or received."""
+
+    name = "test-data-log"
+
+    def setup(self, worker):
+        self.arrived = []
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "memory":
+            self.arrived.append((key, start))
+
+
+def scheduler_state(dask_scheduler):
+    """Run on the scheduler: the TaskLog so far and the grid-search tasks assigned to each worker now."""
+    return {"completed": list(dask_scheduler.plugins[TaskLog.name].completed),
+            "processing": {ws.address: [ts.key for ts in ws.processing if str(ts.key).startswith("batch_of_")]
+                           for ws in dask_scheduler.workers.values()}}
+
+
+def arrived_data(dask_worker):
+    return list(dask_worker.plugins[DataLog.name].arrived)
+
+
+def torch_threads(client: Client, worker: str) -> int:
+    """torch's thread count on ``worker``, read by a task: in its only executor thread, where the fits ran."""
+    def get():  # nested: plain pickle cannot send it by reference, so Dask sends it by value
+        import torch
+
+        return torch.get_num_threads()
+
+    return client.submit(get, workers=[worker], pure=False).result()
+
+
+def fits_in(key: str) -> int:
+    """joblib names a task batch_of__fit_and_score_<n>_calls-<uuid>: n fits."""
+    return int(re.match(r"batch_of__fit_and_score_(\d+)_calls-", key).group(1))
+
+
+# --- a loopback cluster ------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    address: str
+    folder: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def client(self) -> Client:
+        return Client(self.address, timeout="30s", set_as_default=False)
+
+    def kill(self, name: str) -> None:
+        process = self.processes[name]
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in self.processes:
+            self.kill(name)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{(self.folder / f'{name}.log').read_text(errors='replace')[-3000:]}"
+                         for name in self.processes)
+
+
+@pytest.fixture
+def start_cluster(tmp_path):
+    """``start_cluster(workers=2, broken=None)``: a running, registered cluster; stopped after the test.
+
+    ``broken="scheduler"`` or ``"worker"`` starts that process (all workers)
+    with a stand-in ``skorch`` that cannot be imported: an environment that
+    lacks the project's dependencies.
+    """
+    clusters = []
+
+    def start(workers: int = 2, broken: str | None = None) -> Cluster:
+        folder = tmp_path / f"cluster{len(clusters)}"
+        empty = folder / "cwd"  # the processes' working directory: nothing of the repository
+        empty.mkdir(parents=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", ENV_VAR)}
+        env["DASK_TEMPORARY_DIRECTORY"] = str(folder / "tmp")  # scratch space, uploaded zips: all in here
+        broken_env = dict(env)
+        if broken:
+            fake = folder / "no-skorch" / "skorch"
+            fake.mkdir(parents=True)
+            fake.joinpath("__init__.py").write_text(
+                'raise ImportError("skorch is not installed here (a test stand-in)")\n')
+            broken_env["PYTHONPATH"] = str(fake.parent)
+        port = free_port()
+        cluster = Cluster(f"tcp://127.0.0.1:{port}", folder)
+        clusters.append(cluster)
+
+        def launch(name, *args, env):
+            with open(folder / f"{name}.log", "wb") as log:
+                cluster.processes[name] = subprocess.Popen(
+                    [str(DASK), *args], cwd=empty, env=env, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+
+        launch("scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+               env=broken_env if broken == "scheduler" else env)
+        for i in range(workers):
+            launch(f"w{i}", "worker", cluster.address, "--name", f"w{i}", "--nthreads", "1", "--no-nanny",
+                   "--no-dashboard", "--host", "127.0.0.1",
+                   env=broken_env if broken == "worker" else env)
+        try:
+            with cluster.client() as client:
+                if workers:
+                    client.wait_for_workers(workers, timeout=60)
+                client.register_plugin(TaskLog())
+                client.register_plugin(DataLog())
+        except Exception:
+            raise AssertionError(f"the cluster did not start:\n{cluster.logs()}") from None
+        return cluster
+
+    yield start
+    for cluster in clusters:
+        cluster.stop()
+
+
+def cluster_env(address: str) -> dict[str, str]:
+    return {**tool_env(), ENV_VAR: address}
+
+
+def run(*cmd, cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(list(map(str, cmd)), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def dvc_bin() -> str:
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def committed(repo: Path, path: str) -> bytes:
+    return subprocess.run(["git", "show", f"HEAD:{path}"], cwd=repo, capture_output=True, check=True).stdout
+
+
+# --- the tests -----------------------------------------------------------------
+
+def test_without_an_address_tune_runs_locally_and_never_imports_dask(copy_project, tmp_path):
+    repo = copy_project()
+    env = {k: v for k, v in tool_env().items() if k != ENV_VAR}
+    outputs = [f"--metrics={tmp_path}/tune.json", f"--results={tmp_path}/tune.csv", f"--plot={tmp_path}/tune.png"]
+    result = run(sys.executable, "-X", "importtime", *stage_command("tune")[1:], *outputs, cwd=repo, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line]
+    assert "torch" in imported and "skorch" in imported  # -X importtime did report the imports
+    assert not [name for name in imported if name.split(".")[0] in ("dask", "distributed")]
+    assert "running the grid search on" not in result.stdout
+    assert (tmp_path / "tune.json").read_bytes() == committed(repo, "metrics/tune.json")
+
+
+def test_local_workers_die_on_sigterm_whatever_handler_the_stage_has():
+    # run_stage turns SIGTERM into an exception; the forked workers, which
+    # the pool ends with SIGTERM, must not inherit that (a worker that caught
+    # it lived on, and the stage waited for it forever).
+    import joblib
+
+    from stages import tune
+
+    previous = signal.signal(signal.SIGTERM, a_stage_handler)
+    try:
+        with tune.local_workers():
+            handlers = joblib.Parallel(n_jobs=2)(joblib.delayed(signal.getsignal)(signal.SIGTERM) for _ in range(4))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert handlers == [signal.SIG_DFL] * 4
+
+
+def a_stage_handler(signum, frame):
+    raise KeyboardInterrupt
+
+
+def test_on_a_cluster_tune_reruns_nothing_and_reproduces_the_local_bytes(copy_project, start_cluster):
+    repo = copy_project()
+    cluster = start_cluster(workers=2)
+    env = cluster_env(cluster.address)
+    with cluster.client() as client:
+        threads_before = {w: torch_threads(client, w) for w in client.scheduler_info(n_workers=-1)["workers"]}
+
+    # The address is not a DVC param: with it set, an up-to-date project stays so.
+    status = run(dvc_bin(), "status", cwd=repo, env=env)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
+    repro = run(dvc_bin(), "repro", cwd=repo, env=env)
+    assert repro.returncode == 0 and ran_stages(repro.stdout) == set(), repro.stdout + repro.stderr
+
+    forced = run(dvc_bin(), "repro", "--force", "--single-item", "tune", cwd=repo, env=env)
+    assert forced.returncode == 0, forced.stdout + forced.stderr + cluster.logs()
+    assert ran_stages(forced.stdout) == {"tune"}
+    assert f"running the grid search on {cluster.address} (2 workers)" in forced.stdout
+    for path in OUTPUTS:  # the local run's bytes
+        assert (repo / path).read_bytes() == committed(repo, path), path
+    assert sh("git", "status", "--porcelain", cwd=repo).stdout == ""  # dvc.lock too
+
+    with cluster.client() as client:
+        state = client.run_on_scheduler(scheduler_state)
+        arrived = client.run(arrived_data)
+        threads_after = {w: torch_threads(client, w) for w in arrived}
+    # The fits ran on the workers, both of them: 2 grid points x 2 folds.
+    completed = state["completed"]
+    per_worker = {w: sum(fits_in(key) for key, worker, _ in completed if worker == w) for w in arrived}
+    assert sum(per_worker.values()) == 4 and all(per_worker.values()), per_worker
+    # The training images went to each worker once: the client sent them once,
+    # as a task (tune-images-...) that every fit depended on; one worker
+    # computed it, the other fetched it; neither got it again.
+    images = {key for _, _, deps in completed for key in deps if key.startswith("tune-images-")}
+    assert len(images) == 1 and all(images <= deps for _, _, deps in completed), completed
+    (images,) = images
+    assert {w: [key for key, _ in keys].count(images) for w, keys in arrived.items()} == {w: 1 for w in arrived}, \
+        repr(arrived)
+    # Each fit pinned its worker's torch threads to train.threads (1).
+    assert set(threads_after.values()) == {1}, threads_after
+    if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
+        assert set(threads_before.values()) != {1}, threads_before  # so the fits did it
+
+
+# A search long enough on the fixture data to kill a worker in the middle of
+# it: 8 grid points x 2 folds, about 0.15 s per fit on one core.
+LONG_SEARCH = ["tune.subset_size=1500", "tune.grid.lr=[0.001,0.003,0.01,0.03]", "tune.grid.hidden=[[32],[64]]",
+               "tune.grid.max_epochs=[20]"]
+
+
+def warm_up(client: Client, worker: str):
+    """Import torch and skorch on ``worker`` (3-4 s), while dvc starts: a shorter test."""
+    def imports():
+        import skorch  # noqa: F401
+
+    return client.submit(imports, workers=[worker], pure=False)
+
+
+def test_a_worker_killed_mid_search_loses_nothing(copy_project, start_cluster, tmp_path):
+    repo = copy_project()
+    cluster = start_cluster(workers=2)
+    set_params = [arg for param in LONG_SEARCH for arg in ("-S", param)]
+    run_ = subprocess.Popen([dvc_bin(), "exp", "run", *set_params], cwd=repo, env=cluster_env(cluster.address),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with cluster.client() as client:
+            names = {w: info["name"] for w, info in client.scheduler_info(n_workers=-1)["workers"].items()}
+            warm = [warm_up(client, w) for w in names]  # noqa: F841 (kept until done)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and run_.poll() is None:
+                state = client.run_on_scheduler(scheduler_state)
+                busy = [w for w, keys in state["processing"].items() if keys]
+                if state["completed"] and busy:  # the first fits are done, more are under way
+                    victim, assigned = busy[0], state["processing"][busy[0]]
+                    cluster.kill(names[victim])
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("no moment with a completed and a running fit: the search is too short")
+            output, _ = run_.communicate(timeout=240)
+            state = client.run_on_scheduler(scheduler_state)
+    finally:
+        if run_.poll() is None:
+            run_.kill()
+    assert run_.returncode == 0, output + cluster.logs()
+    assert ran_stages(output) == {"tune"}
+    # Every fit completed. Dask reran the killed worker's tasks on the other
+    # one: those it was running, and any whose result died with it before
+    # the stage had it (those complete twice).
+    survivor = next(w for w in names if w != victim)
+    done_on: dict[str, list[str]] = {}
+    for key, worker, _ in state["completed"]:
+        done_on.setdefault(key, []).append(worker)
+    assert sum(fits_in(key) for key in done_on) == 16, done_on
+    assert any(done_on.get(key, [])[-1:] == [survivor] for key in assigned), (assigned, done_on)
+    assert all(workers == [victim, survivor] for workers in done_on.values() if len(workers) > 1), done_on
+
+    # Byte-identical to a local run (forked joblib workers) of the same params.
+    local = [f"--metrics={tmp_path}/tune.json", f"--results={tmp_path}/tune_results.csv",
+             f"--plot={tmp_path}/tune_cv_accuracy.png"]
+    env = {k: v for k, v in tool_env().items() if k != ENV_VAR}
+    result = run(*stage_command("tune"), *local, cwd=repo, env=env)
+    assert result.returncode == 0, result.stderr
+    for path in OUTPUTS:
+        assert (repo / path).read_bytes() == (tmp_path / Path(path).name).read_bytes(), path
+
+
+def test_a_scheduler_lost_mid_search_ends_the_stage_in_one_line(copy_project, start_cluster):
+    repo = copy_project()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for setting in LONG_SEARCH:
+        key, value = setting.split("=")
+        set_key(params, key, yaml.safe_load(value))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cluster = start_cluster(workers=2)
+    stage = subprocess.Popen([*stage_command("tune")], cwd=repo, env=cluster_env(cluster.address),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with cluster.client() as client:
+            for w in client.scheduler_info(n_workers=-1)["workers"]:
+                warm_up(client, w)
+            deadline = time.monotonic() + 120
+            while not client.run_on_scheduler(scheduler_state)["completed"]:
+                assert time.monotonic() < deadline and stage.poll() is None, "no fit completed"
+                time.sleep(0.05)
+            cluster.kill("scheduler")
+        start = time.monotonic()
+        out, err = stage.communicate(timeout=60)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    assert stage.returncode == 1, out + err
+    assert time.monotonic() - start < 20
+    assert err.splitlines() == [err.strip()] and err.startswith(f"{TUNE_ERROR} {cluster.address} ("), err
+    assert "scheduler-connection-lost" in err
+    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
+
+
+def test_an_unreachable_scheduler_fails_in_one_line_and_replaces_nothing(copy_project):
+    repo = copy_project()
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    result = run(*stage_command("tune"), cwd=repo, env=cluster_env(address), timeout=60)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert elapsed < 30
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: could not reach the Dask scheduler at {address}")
+    assert ENV_VAR in lines[0]
+    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
+
+
+def test_a_scheduler_without_workers_fails_in_one_line_after_the_no_workers_timeout(copy_project, start_cluster):
+    repo = copy_project()
+    cluster = start_cluster(workers=0)
+    env = {**cluster_env(cluster.address), "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "2s"}
+    result = run(*stage_command("tune"), cwd=repo, env=env, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == (f"error: the Dask scheduler at {cluster.address} has no workers (waited 2 s); "
+                             f"start some with `dask worker {cluster.address}`\n")
+    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
+
+
+@pytest.mark.parametrize("address", ["bogus://127.0.0.1:8786", "tcp://127.0.0.1:port", "127.0.0.1"])
+def test_a_malformed_address_is_reported_at_once(address):
+    start = time.monotonic()
+    with pytest.raises(StageError, match=f"could not reach the Dask scheduler at {re.escape(address)} .*{ENV_VAR}"):
+        connect(address)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("broken", ["scheduler", "worker"])
+def test_a_task_failing_on_the_cluster_ends_the_stage_in_one_line(copy_project, start_cluster, broken):
+    # The scheduler unpickles each task (to schedule it), the worker to run
+    # it: where skorch is missing, the task fails there. A scheduler that
+    # cannot unpickle a task fails it. A worker that cannot leaves the
+    # cluster; with no worker left, the stage gives up after Dask's
+    # no-workers-timeout (30 s unless set; 3 s here).
+    repo = copy_project()
+    cluster = start_cluster(workers=1, broken=broken)
+    env = {**cluster_env(cluster.address), "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "3s"}
+    start = time.monotonic()
+    result = run(*stage_command("tune"), cwd=repo, env=env, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1, result.stdout + result.stderr + cluster.logs()
+    assert elapsed < 30
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    if broken == "scheduler":
+        assert lines[0].startswith(f"{TUNE_ERROR} {cluster.address} (ImportError: skorch is not installed here")
+    else:
+        assert lines[0].startswith(f"error: the Dask cluster at {cluster.address} has had no workers for 3 s")
+    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
