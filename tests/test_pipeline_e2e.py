@@ -53,8 +53,6 @@ RERUN_RULES = [
     # train.* (train.lr): test_a_train_param_reruns_exactly_the_trainings_and_what_follows_and_diffs_show_it
     # tune reads model.activation and model.dropout (and part of train): it reruns too.
     ("model.dropout", 0.1, AFTER_TRAINING | {"tune"}),
-    # tune shares the optimizer's settings (weight_decay), not the schedule or augmentation.
-    ("train.weight_decay", 0.01, AFTER_TRAINING | {"tune"}),
     ("plot.misclassified", 10, {"plot"}),
     ("tune.cv", 3, {"tune"}),
     ("preprocess.val_size", 100, ALL_STAGES - {"download"}),
