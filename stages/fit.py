@@ -1,6 +1,6 @@
 """fit: the same MLP and hyperparameters, trained by skorch's NeuralNetClassifier.
 
-In:  data/processed/{train,val}.pt; params.yaml ``model`` and ``train``.
+In:  data/processed/{train,val}_{images,labels}.npy; params.yaml ``model`` and ``train``.
 Out: models/skorch_params.pt (the module's state_dict, via ``save_params``);
      metrics/fit/ (DVCLive: train/loss, val/loss, val/accuracy per epoch).
 

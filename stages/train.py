@@ -1,6 +1,6 @@
 """train: the MLP with an explicit PyTorch loop, every moving part in sight.
 
-In:  data/processed/{train,val}.pt; params.yaml ``model`` and ``train``.
+In:  data/processed/{train,val}_{images,labels}.npy; params.yaml ``model`` and ``train``.
 Out: models/mlp.pt (a state_dict); metrics/train/ (DVCLive: metrics.json and
      per-epoch train/loss, val/loss, val/accuracy under plots/).
 
