@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,20 @@ def test_bad_values_set_through_exp_run_fail_with_the_key_and_what_is_allowed(co
         assert f"error: params.yaml: {message}" in output, output
         assert "Traceback" not in output
         sh("git", "checkout", "--", "params.yaml", cwd=repo)
+
+
+@pytest.mark.parametrize("stage", ["download", "preprocess", "plot"])
+def test_stages_that_need_no_tensors_never_import_torch(copy_project, stage):
+    """download, preprocess and plot run their dvc.yaml command and finish without importing torch."""
+    repo = copy_project()
+    cmd = " ".join(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"].split())
+    assert cmd.startswith("python -m "), cmd
+    result = subprocess.run([sys.executable, "-X", "importtime", *cmd.split()[1:]], cwd=repo,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "numpy" in imported  # the import log is really there
+    assert not {name for name in imported if name == "torch" or name.startswith("torch.")}
+    # Nothing changed: the stage wrote the same outputs as the shared run.
+    assert sh("git", "status", "--porcelain", cwd=repo).stdout == ""
