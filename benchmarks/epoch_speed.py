@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import os
 import shutil
 import subprocess
@@ -39,8 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "stages")]
 
 from mnist_dvc.data import RAW_FILES, read_raw_pair  # noqa: E402
+from mnist_dvc.augment import augment_generator  # noqa: E402
 from mnist_dvc.model import (  # noqa: E402
-    build_mlp, build_optimizer, configure_torch, loss_and_accuracy, predict_logits, resolve_device,
+    build_mlp, build_optimizer, configure_torch, loss_and_accuracy, lr_scheduler, needs_scheduler, predict_logits,
+    resolve_device,
 )
 from mnist_dvc.params import load_section  # noqa: E402
 from mnist_dvc.skorch_net import build_net  # noqa: E402
@@ -84,11 +87,17 @@ def train_loop(train, model_params, train_params, epochs: int, test, device):
     model = build_mlp(model_params, train_params.seed).to(device)
     optimizer = build_optimizer(model.parameters(), train_params)
     train = tuple(t.to(device) for t in train)  # once, as the train stage does
-    generator = torch.Generator().manual_seed(train_params.seed)
+    # The generators and schedule exactly as the train stage builds them.
+    generators = {"batches": torch.Generator().manual_seed(train_params.seed),
+                  "augment": augment_generator(train_params.seed)}
+    scheduler = None
+    if needs_scheduler(train_params):
+        total_steps = epochs * math.ceil(len(train[0]) / train_params.batch_size)
+        scheduler = lr_scheduler(optimizer, train_params.schedule, train_params.warmup, total_steps)
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
-        train_epoch(model, optimizer, *train, train_params.batch_size, generator)
+        train_epoch(model, optimizer, *train, train_params, generators, scheduler)
         times.append(time.perf_counter() - start)
     return times, accuracy(model, test)
 
