@@ -7,7 +7,9 @@ number of torch threads, and report seconds per epoch and test accuracy:
 - tutorial: ``torchvision.datasets.MNIST`` + ``transforms.ToTensor()`` +
   ``DataLoader(shuffle=True)``, the classic loop: per-sample Python work;
 - train:    the train stage's loop (``stages/train.py``), in-memory tensors;
-- fit:      the fit stage's skorch net (``mnist_dvc/skorch_net.py``).
+- fit:      the fit stage's skorch net (``mnist_dvc/skorch_net.py``);
+- on CUDA also the train loop with its step captured as a CUDA graph
+  (``train.cuda_graph``, ``CudaGraphStep`` in stages/train.py).
 
 With ``--memory`` it also runs the preprocess, train, fit and evaluate
 stages as subprocesses (outputs to a temporary folder) and reports each
@@ -47,7 +49,7 @@ from mnist_dvc.model import (  # noqa: E402
 )
 from mnist_dvc.params import load_section  # noqa: E402
 from mnist_dvc.skorch_net import build_net  # noqa: E402
-from stages.train import train_epoch  # noqa: E402
+from stages.train import CudaGraphStep, cuda_graph_obstacle, train_epoch  # noqa: E402
 
 
 def tensors(raw: Path, split: str):
@@ -98,6 +100,24 @@ def train_loop(train, model_params, train_params, epochs: int, test, device):
     for _ in range(epochs):
         start = time.perf_counter()
         train_epoch(model, optimizer, *train, train_params, generators, scheduler)
+        times.append(time.perf_counter() - start)
+    return times, accuracy(model, test)
+
+
+def graph_loop(train, model_params, train_params, epochs: int, test, device):
+    """The train stage's loop with ``train.cuda_graph``: each full batch's step replayed as one CUDA graph."""
+    model = build_mlp(model_params, train_params.seed).to(device)
+    optimizer = build_optimizer(model.parameters(), train_params, capturable=True)
+    images, labels = (t.to(device) for t in train)
+    generator = torch.Generator().manual_seed(train_params.seed)
+    started = time.perf_counter()
+    step = CudaGraphStep(model, optimizer, images, labels, train_params.batch_size)
+    torch.cuda.synchronize()
+    print(f"  (warm-up and capture of the CUDA graph: {time.perf_counter() - started:.2f} s, once)", flush=True)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        step.epoch(torch.randperm(len(images), generator=generator).to(device))  # ends with .item(): synced
         times.append(time.perf_counter() - start)
     return times, accuracy(model, test)
 
@@ -155,6 +175,10 @@ def compare(raw, train, test, model_params, train_params, epochs, device, defaul
         ("train stage (explicit loop, in-memory tensors)", train_params.threads, train_loop),
         ("fit stage (skorch, TensorBatches)", train_params.threads, skorch_fit),
     ]
+    if device.type == "cuda":
+        del runs[1]  # the CPU thread count hardly matters to a GPU's run
+        if cuda_graph_obstacle(model_params, train_params) is None:
+            runs.insert(2, ("train stage, step as a CUDA graph", train_params.threads, graph_loop))
     print(f"\nbatch {train_params.batch_size} on {device}")
     print(f"{'method':48} {'threads':>7} {'s/epoch':>8} {'speed-up':>9} {'test acc':>9}")
     baseline = None

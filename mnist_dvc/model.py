@@ -110,9 +110,16 @@ def optimizer_kwargs(train_params) -> dict:
     return kwargs
 
 
-def build_optimizer(parameters, train_params) -> torch.optim.Optimizer:
-    """The optimizer named by ``train.optimizer``, with ``train.lr``."""
-    return OPTIMIZERS[train_params.optimizer](parameters, lr=train_params.lr, **optimizer_kwargs(train_params))
+def build_optimizer(parameters, train_params, capturable: bool = False) -> torch.optim.Optimizer:
+    """The optimizer named by ``train.optimizer``, with ``train.lr``.
+
+    ``capturable``: its step keeps all its state on the device, so that it can
+    be captured in a CUDA graph (the train stage's ``CudaGraphStep``).
+    """
+    kwargs = optimizer_kwargs(train_params)
+    if capturable:
+        kwargs["capturable"] = True
+    return OPTIMIZERS[train_params.optimizer](parameters, lr=train_params.lr, **kwargs)
 
 
 def needs_scheduler(train_params) -> bool:

@@ -101,6 +101,10 @@ class TrainParams(Section):
     seed: int = Field(ge=0)
     threads: int = Field(ge=1, le=256)
     device: Literal["auto", "cpu", "cuda"]
+    # The explicit loop's step captured as a CUDA graph (stages/train.py):
+    # "auto" where the device and settings allow, "on" always (an error where
+    # they do not), "off" never.
+    cuda_graph: Literal["auto", "on", "off"]
 
     @field_validator("warmup")
     @classmethod

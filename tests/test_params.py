@@ -90,6 +90,8 @@ BAD_VALUES = [
     ("train.threads", 0, ["greater than or equal to 1"]),
     ("train.threads", 257, ["less than or equal to 256"]),
     ("train.device", "tpu", ["'auto', 'cpu' or 'cuda'"]),
+    ("train.cuda_graph", "yes", ["'auto', 'on' or 'off'"]),
+    ("train.cuda_graph", True, ["'auto', 'on' or 'off'"]),
     # evaluate
     ("evaluate.batch_size", 0, ["greater than or equal to 1"]),
     # plot
@@ -207,7 +209,7 @@ def test_missing_key_is_rejected_naming_the_full_key(tmp_path, key):
     "key, allowed",
     [
         ("train.learning_rate", "epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup, "
-                                "augment, seed, threads, device"),
+                                "augment, seed, threads, device, cuda_graph"),
         ("train.augment.scale", "shift, rotate"),
         ("model.layers", "hidden, activation, dropout"),
         ("download.mirror", "mirrors, md5, retries, timeout, backoff"),

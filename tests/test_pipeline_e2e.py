@@ -88,6 +88,7 @@ OPTION_READERS = [
     ("train.warmup", 0.1, {"train", "fit"}),
     ("train.augment", {"shift": 1, "rotate": 5.0}, {"train", "fit"}),
     ("train.weight_decay", 0.01, {"train", "fit", "tune"}),
+    ("train.cuda_graph", "off", {"train", "fit"}),
     ("model.hidden", [64], {"train", "fit", "evaluate", "export"}),
 ]
 

@@ -1,0 +1,149 @@
+"""train.cuda_graph: the option and its choice on any machine; the captured step itself on a GPU.
+
+The GPU tests need CUDA and are skipped without it, saying so; CI has no GPU,
+so they ran on a device machine (docs/performance.md has the figures).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from conftest import REPO, run_stage_script
+from mnist_dvc.data import load_split
+from mnist_dvc.model import build_mlp, build_optimizer, loss_and_accuracy, predict_logits
+from mnist_dvc.params import load_section
+from mnist_dvc.stage import StageError
+from stages import fit as fit_stage
+from stages import train as train_stage
+from stages.train import CudaGraphStep, cuda_graph_obstacle, use_cuda_graph
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def sections(**changes):
+    model_params, train_params = load_section("model", REPO / "params.yaml"), load_section("train", REPO / "params.yaml")
+    model_changes = {k: v for k, v in changes.items() if k in type(model_params).model_fields}
+    train_changes = {k: v for k, v in changes.items() if k not in model_changes}
+    if "augment" in train_changes:
+        train_changes["augment"] = train_params.augment.model_copy(update=train_changes["augment"])
+    return model_params.model_copy(update=model_changes), train_params.model_copy(update=train_changes)
+
+
+def test_the_defaults_can_be_captured():
+    assert load_section("train", REPO / "params.yaml").cuda_graph == "auto"
+    assert cuda_graph_obstacle(*sections()) is None
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"optimizer": "sgd"}, "train.optimizer"),
+    ({"schedule": "cosine"}, "schedule"),
+    ({"warmup": 0.1}, "warm-up"),
+    ({"augment": {"shift": 2}}, "train.augment"),
+    ({"augment": {"rotate": 5.0}}, "train.augment"),
+    ({"dropout": 0.2}, "model.dropout"),
+])
+def test_settings_the_graph_cannot_capture_are_named(changes, named):
+    assert named in cuda_graph_obstacle(*sections(**changes))
+
+
+def test_on_a_cpu_auto_and_off_use_the_eager_loop_silently(capsys):
+    for value in ("auto", "off"):
+        assert use_cuda_graph(*sections(cuda_graph=value), CPU) is False
+    assert capsys.readouterr().out == ""
+
+
+def test_on_without_a_gpu_or_with_an_uncapturable_setting_is_an_error_naming_the_key():
+    with pytest.raises(StageError, match=r"train.cuda_graph = 'on' cannot be used with no CUDA device"):
+        use_cuda_graph(*sections(cuda_graph="on"), CPU)
+    with pytest.raises(StageError, match=r"train.cuda_graph = 'on' cannot be used with train.augment"):
+        use_cuda_graph(*sections(cuda_graph="on", augment={"shift": 1}), CUDA)
+
+
+def test_the_train_stage_refuses_cuda_graph_on_without_a_gpu_in_one_line(prepared):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: 'on' is allowed")
+    path = prepared / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["train"].update(cuda_graph="on", device="auto")
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run_stage_script("train", cwd=prepared, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: train.cuda_graph = 'on' cannot be used with no CUDA device (train.device); set it to 'auto' or 'off'"]
+    assert not (prepared / "models/mlp.pt").exists()
+
+
+# --- on a GPU ---------------------------------------------------------------
+
+def random_data(n: int = 1000, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 28, 28, generator=generator)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    return images.to(CUDA), labels.to(CUDA)
+
+
+@needs_cuda
+def test_graph_replays_learn_bit_for_bit_what_the_eager_loop_learns_including_the_last_partial_batch():
+    model_params, train_params = sections(batch_size=64)
+    images, labels = random_data(1000)  # 15 full batches of 64 and one of 40
+    eager = build_mlp(model_params, 0).to(CUDA)
+    eager_optimizer = build_optimizer(eager.parameters(), train_params)
+    graphed = build_mlp(model_params, 0).to(CUDA)
+    step = CudaGraphStep(graphed, build_optimizer(graphed.parameters(), train_params, capturable=True),
+                         images, labels, 64)
+    # The warm-up's updates were undone: the graph starts from the same weights.
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        assert torch.equal(a, b)
+    eager_generators = {"batches": torch.Generator().manual_seed(0), "augment": None}
+    graph_generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        eager_loss = train_stage.train_epoch(eager, eager_optimizer, images, labels, train_params, eager_generators)
+        graph_loss = step.epoch(torch.randperm(len(images), generator=graph_generator).to(CUDA))
+        assert graph_loss == eager_loss
+    # The same kernels on the same data in the same order: bit for bit (on an
+    # H100, also after 5 epochs of full MNIST).
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_train_and_fit_on_the_gpu_learn_the_fixture_digits(prepared, capsys):
+    model_params, train_params = load_section("model"), load_section("train").model_copy(update={"device": "cuda"})
+    train_split = load_split(prepared / "data/processed", "train")
+    val_split = load_split(prepared / "data/processed", "val")
+    test_images, test_labels = load_split(prepared / "data/processed", "test")
+    assert use_cuda_graph(model_params, train_params, CUDA) is True
+    model = train_stage.train(model_params, train_params, train_split, val_split)
+    assert next(model.parameters()).device.type == "cuda"
+    _, graph_accuracy = loss_and_accuracy(predict_logits(model, test_images.to(CUDA), 1000).cpu(), test_labels)
+    net = fit_stage.fit(model_params, train_params, train_split, val_split)
+    _, fit_accuracy = loss_and_accuracy(predict_logits(net.module_, test_images.to(CUDA), 1000).cpu(), test_labels)
+    assert graph_accuracy > 0.8 and fit_accuracy > 0.8  # load_digits is easy; chance is 0.1
+    assert abs(graph_accuracy - fit_accuracy) < 0.05
+    # With a setting the graph cannot capture, auto trains eagerly and says why.
+    train_stage.train(model_params.model_copy(update={"dropout": 0.1}), train_params, train_split, val_split)
+    assert "train.cuda_graph: the eager loop, because of model.dropout" in capsys.readouterr().out
+
+
+@needs_cuda
+def test_the_graph_step_is_a_single_replay_with_no_host_sync_per_batch():
+    model_params, train_params = sections(batch_size=64)
+    images, labels = random_data(64 * 20)
+    model = build_mlp(model_params, 0).to(CUDA)
+    step = CudaGraphStep(model, build_optimizer(model.parameters(), train_params, capturable=True), images, labels, 64)
+    order = torch.randperm(len(images)).to(CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside the batch loop raises
+    try:
+        for start in range(0, len(order), 64):
+            step.index.copy_(order[start : start + 64])
+            step.graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    loss = step.loss_sum.item() / len(images)
+    assert 0 < loss < 10
+    assert F.cross_entropy(model(images[:64]), labels[:64]).item() < 10
