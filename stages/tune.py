@@ -91,16 +91,18 @@ def default_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def local_workers():
-    """Where tune.n_jobs > 1 fits run on this machine: forked processes, on Linux.
+def local_workers(device):
+    """Where tune.n_jobs > 1 fits run on this machine: forked processes, on Linux, on the CPU.
 
     A forked worker starts with torch, skorch and the data already in memory;
     joblib's default (loky) starts fresh interpreters that first import them,
     3-4 s each. At the default grid on 2 cores: n_jobs 1 took 15.2 s, loky
     with n_jobs 2 14.1 s, forked workers 10.5 s, with byte-identical results.
-    Elsewhere (macOS, Windows: no safe fork) joblib's default is kept.
+    Elsewhere (macOS, Windows: no safe fork), and when the fits run on a GPU
+    (a forked child cannot use CUDA once its parent has touched it), joblib's
+    default is kept: fresh processes.
     """
-    if sys.platform != "linux":
+    if sys.platform != "linux" or device.type == "cuda":
         return contextlib.nullcontext()
     return joblib.parallel_config(backend="multiprocessing", context=multiprocessing.get_context("fork"),
                                   initializer=default_sigterm)
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     if address:  # Dask is imported on this path only
         search = fit_on_cluster(search, images, labels, address)
     else:
-        with local_workers():
+        with local_workers(resolve_device(train_params.device)):
             search = search.fit(images, labels)
 
     rows = results_table(search.cv_results_, tune_params.cv)

@@ -6,6 +6,9 @@ so they ran on a device machine (docs/performance.md has the figures).
 
 from __future__ import annotations
 
+import json
+
+import joblib
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +21,9 @@ from mnist_dvc.params import load_section
 from mnist_dvc.stage import StageError
 from stages import fit as fit_stage
 from stages import train as train_stage
+from stages import tune
 from stages.train import CudaGraphStep, cuda_graph_obstacle, use_cuda_graph
+from stages.tune import local_workers
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -147,3 +152,21 @@ def test_the_graph_step_is_a_single_replay_with_no_host_sync_per_batch():
     loss = step.loss_sum.item() / len(images)
     assert 0 < loss < 10
     assert F.cross_entropy(model(images[:64]), labels[:64]).item() < 10
+
+
+def test_tune_forks_its_local_workers_on_the_cpu_only():
+    with local_workers(CPU):
+        assert joblib.parallel.get_active_backend()[0].__class__.__name__ == "MultiprocessingBackend"
+    with local_workers(CUDA):
+        assert joblib.parallel.get_active_backend()[0].__class__.__name__ != "MultiprocessingBackend"
+
+
+@needs_cuda
+def test_tune_runs_its_fits_on_the_gpu_in_two_worker_processes(prepared):
+    path = prepared / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["train"]["device"] = "cuda"
+    params["tune"]["n_jobs"] = 2
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    tune.main([f"--metrics={prepared}/tune.json", f"--results={prepared}/tune.csv", f"--plot={prepared}/tune.png"])
+    assert json.loads((prepared / "tune.json").read_text())["best_score"] > 0.5
