@@ -41,7 +41,7 @@ sys.path[:0] = [str(ROOT)]
 
 from mnist_dvc.cluster import fit_on_cluster  # noqa: E402
 from mnist_dvc.data import load_stored_split  # noqa: E402
-from mnist_dvc.model import configure_torch  # noqa: E402
+from mnist_dvc.model import configure_torch, resolve_device  # noqa: E402
 from mnist_dvc.params import load_section  # noqa: E402
 from stages.tune import build_search, local_workers, stratified_subset  # noqa: E402
 
@@ -157,7 +157,7 @@ def main() -> None:
     timed("local, n_jobs=1", lambda s: s.set_params(n_jobs=1).fit(images, labels))
 
     def forked(search):
-        with local_workers():
+        with local_workers(resolve_device(train_params.device)):
             return search.set_params(n_jobs=2).fit(images, labels)
 
     timed("local, n_jobs=2 (forked workers)", forked)

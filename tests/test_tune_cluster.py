@@ -230,12 +230,13 @@ def test_local_workers_die_on_sigterm_whatever_handler_the_stage_has():
     # the pool ends with SIGTERM, must not inherit that (a worker that caught
     # it lived on, and the stage waited for it forever).
     import joblib
+    import torch
 
     from stages import tune
 
     previous = signal.signal(signal.SIGTERM, a_stage_handler)
     try:
-        with tune.local_workers():
+        with tune.local_workers(torch.device("cpu")):
             handlers = joblib.Parallel(n_jobs=2)(joblib.delayed(signal.getsignal)(signal.SIGTERM) for _ in range(4))
     finally:
         signal.signal(signal.SIGTERM, previous)
