@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_dvc.data import IMAGE_SIDE
 from mnist_dvc.stage import StageError
 
 MODELS = {
@@ -62,13 +63,8 @@ class Predictor:
         return run
 
     def _onnx_session(self, name: str, path: Path, threads: int):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
         try:
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = onnx_session(str(path), threads)
         except Exception as exc:  # onnxruntime raises its own exception types for a bad file
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise StageError(f"{path}: not a usable ONNX model ({reason}); {GET_MODELS}") from None
@@ -76,7 +72,7 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """float32 (N, 28, 28) in [0, 1], white on black -> {name: softmax probabilities (N, 10)}."""
-        images = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, 28, 28)
+        images = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
         return {name: softmax(run(images)) for name, run in self._run.items()}
 
     def file_hashes(self) -> dict[str, str]:
@@ -90,6 +86,16 @@ class Predictor:
         except (OSError, ValueError):
             metrics = {}
         return {name: (metrics.get(name) or {}).get("accuracy") for name in MODELS}
+
+
+def onnx_session(model: str | bytes, threads: int = 1):
+    """An ONNX Runtime session on the CPU, from a file's path or an ONNX model's bytes."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from mnist_dvc.data import IMAGE_SIDE
 from mnist_dvc.images import ImageError, to_mnist, to_png
 from mnist_dvc.inference import MODELS, Predictor, describe
 from mnist_dvc.stage import StageError
@@ -268,7 +269,7 @@ def create_app(predictor: Predictor) -> BodyLimit:
 
 def warm_up(predictor: Predictor) -> None:
     """One picture through the whole path, so the first visitor does not pay for lazy imports."""
-    stroke = np.zeros((28, 28), np.float32)
+    stroke = np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.float32)
     stroke[4:24, 13:16] = 1
     predictor.probabilities(to_mnist(to_png(stroke))[None])
 

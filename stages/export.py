@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnist_dvc.data import load_split
+from mnist_dvc.data import IMAGE_SIDE, load_split
+from mnist_dvc.inference import onnx_session
 from mnist_dvc.model import TRAINED_BY, load_trained, predict_logits
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import StageError, atomic_file, run_stage, write_json
@@ -39,7 +40,7 @@ TIMING_BATCH = 1000
 
 def to_onnx(model: torch.nn.Module) -> bytes:
     """The model as one self-contained ONNX file: ``images`` (N, 28, 28) -> ``logits`` (N, 10)."""
-    example = torch.zeros(2, 28, 28)
+    example = torch.zeros(2, IMAGE_SIDE, IMAGE_SIDE)
     # The exporter reports its progress on stdout and stderr: keep the stage's output to its results.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         program = torch.onnx.export(
@@ -54,15 +55,6 @@ def to_onnx(model: torch.nn.Module) -> bytes:
         node.metadata_props.extend(kept)
     # The weights inside the file (the proto, not .save(external_data=...)): one file, nothing beside it.
     return proto.SerializeToString()
-
-
-def onnx_session(data: bytes):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 def check(name: str, data: bytes, model: torch.nn.Module, images: torch.Tensor) -> dict:
