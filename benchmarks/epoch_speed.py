@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import math
 import os
 import shutil
 import subprocess
@@ -42,14 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "stages")]
 
 from mnist_dvc.data import RAW_FILES, read_raw_pair  # noqa: E402
-from mnist_dvc.augment import augment_generator  # noqa: E402
 from mnist_dvc.model import (  # noqa: E402
     build_mlp, build_optimizer, configure_torch, loss_and_accuracy, lr_scheduler, needs_scheduler, predict_logits,
-    resolve_device,
+    resolve_device, schedule_steps,
 )
 from mnist_dvc.params import load_section  # noqa: E402
 from mnist_dvc.skorch_net import build_net  # noqa: E402
-from stages.train import CudaGraphStep, cuda_graph_obstacle, train_epoch  # noqa: E402
+from stages.train import CudaGraphStep, cuda_graph_obstacle, seeded_generators, train_epoch  # noqa: E402
 
 
 def tensors(raw: Path, split: str):
@@ -90,12 +88,11 @@ def train_loop(train, model_params, train_params, epochs: int, test, device):
     optimizer = build_optimizer(model.parameters(), train_params)
     train = tuple(t.to(device) for t in train)  # once, as the train stage does
     # The generators and schedule exactly as the train stage builds them.
-    generators = {"batches": torch.Generator().manual_seed(train_params.seed),
-                  "augment": augment_generator(train_params.seed)}
+    generators = seeded_generators(train_params.seed)
     scheduler = None
     if needs_scheduler(train_params):
-        total_steps = epochs * math.ceil(len(train[0]) / train_params.batch_size)
-        scheduler = lr_scheduler(optimizer, train_params.schedule, train_params.warmup, total_steps)
+        scheduler = lr_scheduler(optimizer, train_params.schedule, train_params.warmup,
+                                 schedule_steps(train_params, len(train[0]), epochs))
     times = []
     for _ in range(epochs):
         start = time.perf_counter()

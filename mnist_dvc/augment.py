@@ -38,7 +38,7 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, shift: int =
     """``images`` (B, H, W), each shifted by up to ``shift`` px and turned by up to ``rotate`` degrees."""
     if not shift and not rotate:
         return images
-    n, height, width = images.shape
+    n = len(images)
     offsets = torch.randint(-shift, shift + 1, (2, n), generator=generator)  # (dy, dx) per image
     if not rotate:
         return _shift(images, offsets.to(images.device), shift)

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from mnist_dvc.data import IMAGE_SIDE
+from mnist_dvc.onnx_runtime import onnx_session
 from mnist_dvc.stage import StageError
 
 MODELS = {
-    # name: (state_dict file, ONNX file, the stage that writes the state_dict)
-    "manual": ("models/mlp.pt", "models/mlp.onnx", "train"),
-    "skorch": ("models/skorch_params.pt", "models/skorch.onnx", "fit"),
+    # name: (state_dict file, ONNX file)
+    "manual": ("models/mlp.pt", "models/mlp.onnx"),
+    "skorch": ("models/skorch_params.pt", "models/skorch.onnx"),
 }
 METRICS = Path("metrics/evaluate.json")
 GET_MODELS = "run `dvc repro` to train them, or `dvc pull` if a DVC remote holds them"
@@ -38,7 +39,8 @@ class Predictor:
 
     def __init__(self, root: Path | str = ".", onnx: bool = False, threads: int = 1):
         self.root, self.onnx = Path(root), onnx
-        self.paths = {name: self.root / files[1 if onnx else 0] for name, files in MODELS.items()}
+        self.files = {name: files[1 if onnx else 0] for name, files in MODELS.items()}  # relative to root
+        self.paths = {name: self.root / file for name, file in self.files.items()}
         missing = [str(path) for path in self.paths.values() if not path.is_file()]
         if missing:
             raise StageError(f"{', '.join(missing)}: not found; {GET_MODELS}")
@@ -86,16 +88,6 @@ class Predictor:
         except (OSError, ValueError):
             metrics = {}
         return {name: (metrics.get(name) or {}).get("accuracy") for name in MODELS}
-
-
-def onnx_session(model: str | bytes, threads: int = 1):
-    """An ONNX Runtime session on the CPU, from a file's path or an ONNX model's bytes."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

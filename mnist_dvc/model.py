@@ -127,6 +127,12 @@ def needs_scheduler(train_params) -> bool:
     return train_params.schedule != "constant" or train_params.warmup > 0
 
 
+def schedule_steps(train_params, n_train: int, epochs: int | None = None) -> int:
+    """The length of the per-batch schedule: optimizer steps over ``epochs`` (default ``train.epochs``)
+    passes of ``n_train`` images, the last batch of each pass possibly partial."""
+    return (epochs or train_params.epochs) * math.ceil(n_train / train_params.batch_size)
+
+
 class LRFactor:
     """The multiplier of ``train.lr`` at each step (for ``LambdaLR``): a linear
     warm-up over ``warmup_steps``, then constant, or a cosine down to 0 at

@@ -29,6 +29,7 @@ MD5 = Field(pattern=r"^[0-9a-f]{32}$")
 LayerSize = Annotated[int, Field(ge=1)]
 LearningRate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 Hidden = Annotated[list[LayerSize], Field(min_length=1)]
+Epochs = Annotated[int, Field(ge=1, le=1000)]
 
 
 class Section(BaseModel):
@@ -89,7 +90,7 @@ class AugmentParams(Section):
 
 
 class TrainParams(Section):
-    epochs: int = Field(ge=1, le=1000)
+    epochs: Epochs
     batch_size: int = Field(ge=1)
     lr: LearningRate
     optimizer: Literal["adam", "adamw", "sgd"]
@@ -127,7 +128,7 @@ class TuneGrid(Section):
     # The bounds of model.hidden, train.lr and train.epochs, item by item.
     lr: list[LearningRate] = Field(min_length=1)
     hidden: list[Hidden] = Field(min_length=1)
-    max_epochs: list[Annotated[int, Field(ge=1, le=1000)]] = Field(min_length=1)
+    max_epochs: list[Epochs] = Field(min_length=1)
 
 
 class TuneParams(Section):

@@ -22,7 +22,7 @@ from torch import nn
 
 from mnist_dvc.augment import augment_batch, augment_generator
 from mnist_dvc.data import N_CLASSES
-from mnist_dvc.model import MLP, OPTIMIZERS, lr_scheduler, needs_scheduler, optimizer_kwargs
+from mnist_dvc.model import MLP, OPTIMIZERS, lr_scheduler, needs_scheduler, optimizer_kwargs, schedule_steps
 
 
 class TensorBatches:
@@ -52,9 +52,7 @@ class TensorBatches:
         order = torch.randperm(n, generator=self.generator).to(self.X.device) if self.shuffle else None
         for start in range(0, n, self.batch_size):
             batch = order[start : start + self.batch_size] if self.shuffle else slice(start, start + self.batch_size)
-            inputs = self.X[batch]
-            if any(self.augment):
-                inputs = augment_batch(inputs, self.augment_generator, *self.augment)
+            inputs = augment_batch(self.X[batch], self.augment_generator, *self.augment)
             # y is None when predicting; skorch ignores the placeholder then.
             targets = self.y[batch] if self.y is not None else torch.zeros(len(inputs))
             yield inputs, targets
@@ -117,10 +115,9 @@ def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val
         train_split = predefined_split(Dataset(*val_split))
     callbacks = list(callbacks)
     if needs_scheduler(train_params):
-        steps = train_params.epochs * math.ceil(n_train / train_params.batch_size)
         callbacks.insert(0, ("lr_schedule", LRScheduler(
             policy=lr_scheduler, step_every="batch", schedule=train_params.schedule, warmup=train_params.warmup,
-            total_steps=steps)))
+            total_steps=schedule_steps(train_params, n_train))))
     params = dict(
         module=MLP,
         **module_params(model_params, seed),

@@ -12,7 +12,7 @@ matches is renamed into place, so a failed, truncated or corrupt download
 never leaves a valid-looking file behind. When every attempt fails, one error
 lists each URL tried and why, and ends with what to do offline.
 
-This stage needs no torch and no NumPy: it starts in a fraction of a second.
+This stage needs no torch: it starts in a fraction of a second.
 """
 
 from __future__ import annotations

@@ -26,9 +26,8 @@ from mnist_dvc.model import TRAINED_BY, load_trained, loss_and_accuracy, predict
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import run_stage, write_csv, write_json
 
-def scores(logits, labels) -> tuple[dict, dict]:
-    """The headline metrics and the per-class report of one model."""
-    predicted = logits.argmax(dim=1).numpy()
+def scores(logits, labels, predicted) -> tuple[dict, dict]:
+    """The headline metrics and the per-class report of one model; ``predicted`` is ``logits``' argmax."""
     loss, _ = loss_and_accuracy(logits, labels)
     headline = {
         "accuracy": accuracy_score(labels, predicted),
@@ -54,12 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     metrics, reports, predicted = {}, {}, {}
     for name, model in models.items():
         logits = predict_logits(model, images, params.batch_size)
-        metrics[name], reports[name] = scores(logits, labels)
-        predicted[name] = logits.argmax(dim=1).tolist()
+        predicted[name] = logits.argmax(dim=1).numpy()
+        metrics[name], reports[name] = scores(logits, labels, predicted[name])
         print(f"{name}: " + "  ".join(f"test/{k} {v:.4f}" for k, v in metrics[name].items()))
     for name in models:
         # actual,predicted per test image, in test-set order: DVC's confusion template.
-        write_csv(args.predictions / f"{name}.csv", ["actual", "predicted"], zip(labels.tolist(), predicted[name]))
+        write_csv(args.predictions / f"{name}.csv", ["actual", "predicted"],
+                  zip(labels.tolist(), predicted[name].tolist()))
     write_json(args.report, reports)
     write_json(args.metrics, metrics)
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mnist_dvc.data import IMAGE_SIDE, load_split
-from mnist_dvc.inference import onnx_session
+from mnist_dvc.onnx_runtime import onnx_session
 from mnist_dvc.model import TRAINED_BY, load_trained, predict_logits
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import StageError, atomic_file, run_stage, write_json
@@ -94,12 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model_params = load_section("model")
     torch.set_num_threads(1)
+    # Both loaded, or refused, before the first (slow) export.
+    models = {name: load_trained(name, model_params, getattr(args, name)) for name in TRAINED_BY}
+    targets = {"manual": args.manual_onnx, "skorch": args.skorch_onnx}
     images, _ = load_split(args.data, "test")
     exports, metrics = {}, {}
-    targets = {"manual": (args.manual, args.manual_onnx), "skorch": (args.skorch, args.skorch_onnx)}
-    for name in TRAINED_BY:
-        source, target = targets[name]
-        model = load_trained(name, model_params, source)
+    for name, model in models.items():
+        target = targets[name]
         exports[target] = to_onnx(model)
         metrics[name] = check(name, exports[target], model, images)
         print(f"{name}: {target} ({len(exports[target]):,} bytes), max abs diff {metrics[name]['max_abs_diff']:.2g}, "

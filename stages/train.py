@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import warnings
 from pathlib import Path
 
@@ -40,9 +39,16 @@ from mnist_dvc.model import (
     needs_scheduler,
     predict_logits,
     resolve_device,
+    schedule_steps,
 )
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import StageError, atomic_file, run_stage
+
+
+def seeded_generators(seed: int) -> dict[str, torch.Generator]:
+    """Every draw of a run from an explicit generator seeded by ``train.seed``, as skorch's net
+    does: the batch order and the augmentation (dropout masks come from the model's own)."""
+    return {"batches": torch.Generator().manual_seed(seed), "augment": augment_generator(seed)}
 
 
 def train_epoch(model, optimizer, images, labels, train_params, generators, scheduler=None, desc="") -> float:
@@ -54,9 +60,8 @@ def train_epoch(model, optimizer, images, labels, train_params, generators, sche
     steps = range(0, len(images), batch_size)
     for start in tqdm(steps, desc=desc, leave=False, mininterval=0.5, disable=None):
         batch = order[start : start + batch_size]
-        inputs, targets = images[batch], labels[batch]
-        if any(augment):
-            inputs = augment_batch(inputs, generators["augment"], *augment)
+        inputs = augment_batch(images[batch], generators["augment"], *augment)
+        targets = labels[batch]
         optimizer.zero_grad()
         logits = model(inputs)
         loss = F.cross_entropy(logits, targets)
@@ -101,7 +106,7 @@ class CudaGraphStep:
         with torch.cuda.stream(side), eager_capturable_steps():
             for _ in range(self.WARMUP_STEPS):
                 optimizer.zero_grad(set_to_none=True)
-                self._step()
+                self._step(self.index)
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
             for param, value in zip(model.parameters(), initial):
@@ -115,10 +120,9 @@ class CudaGraphStep:
         optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self._step()
+            self._step(self.index)
 
-    def _step(self) -> None:
-        batch = self.index
+    def _step(self, batch: torch.Tensor) -> None:
         loss = F.cross_entropy(self.model(self.images[batch]), self.labels[batch])
         loss.backward()
         self.optimizer.step()
@@ -133,16 +137,11 @@ class CudaGraphStep:
         for start in tqdm(range(0, full, batch_size), desc=desc, leave=False, mininterval=0.5, disable=None):
             self.index.copy_(order[start : start + batch_size])
             self.graph.replay()
-        total = self.loss_sum.clone()
         if full < len(order):  # the last, partial batch: eagerly
-            batch = order[full:]
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(self.images[batch]), self.labels[batch])
-            loss.backward()
             with eager_capturable_steps():
-                self.optimizer.step()
-            total += loss.detach() * len(batch)
-        return total.item() / len(order)
+                self._step(order[full:])
+        return self.loss_sum.item() / len(order)
 
 
 @contextlib.contextmanager
@@ -189,14 +188,11 @@ def train(model_params, train_params, train_split, val_split, live=None):
     optimizer = build_optimizer(model.parameters(), train_params, capturable=graphed)
     images, labels = (t.to(device) for t in train_split)
     val_images, val_labels = (t.to(device) for t in val_split)
-    # Every draw from an explicit generator seeded by train.seed, as skorch's
-    # net does: batch order, augmentation (dropout masks: the model's own).
-    generators = {"batches": torch.Generator().manual_seed(train_params.seed),
-                  "augment": augment_generator(train_params.seed)}
+    generators = seeded_generators(train_params.seed)
     scheduler = None
     if needs_scheduler(train_params):
-        total_steps = train_params.epochs * math.ceil(len(images) / train_params.batch_size)
-        scheduler = lr_scheduler(optimizer, train_params.schedule, train_params.warmup, total_steps)
+        scheduler = lr_scheduler(optimizer, train_params.schedule, train_params.warmup,
+                                 schedule_steps(train_params, len(images)))
     step = CudaGraphStep(model, optimizer, images, labels, train_params.batch_size) if graphed else None
     for epoch in range(1, train_params.epochs + 1):
         desc = f"epoch {epoch}/{train_params.epochs}"
