@@ -269,7 +269,6 @@ def contact_sheet(path: Path, samples: list[tuple[str, int, bytes, np.ndarray, i
             ax.set_yticks([])
     fig.suptitle("own digits: picture (top), the 28x28 input to_mnist made, true -> predicted (manual)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_png(fig, path, dpi=100)
 
 
@@ -288,10 +287,7 @@ def main(argv=None) -> None:
         predictor = Predictor(args.root)
     except StageError as exc:
         sys.exit(f"error: {exc}")
-    models = {name: name for name in MODELS}
-
-    def predict(name: str, inputs: np.ndarray) -> np.ndarray:
-        return predictor.probabilities(inputs)[name].argmax(1)
+    names = list(MODELS)
 
     start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -312,18 +308,15 @@ def main(argv=None) -> None:
         inputs = np.stack([safe_to_mnist(name, data, refused) for name, _, data in items])
         preprocess_time += time.perf_counter() - t
         plain = np.stack([plain_resize(data) for _, _, data in items])
-        results[category] = (items, inputs, {})
-        row = [category, len(items)]
-        for name in models:
-            pred = predict(name, inputs)
-            results[category][2][name] = pred
-            row.append((pred == labels).mean())
-        row += [(predict(name, plain) == labels).mean() for name in models]
-        rows.append(row)
+        # One pass of both models over each set of inputs.
+        preds = {name: p.argmax(1) for name, p in predictor.probabilities(inputs).items()}
+        plain_preds = {name: p.argmax(1) for name, p in predictor.probabilities(plain).items()}
+        results[category] = (items, inputs, preds)
+        rows.append([category, len(items)] + [(preds[n] == labels).mean() for n in names]
+                    + [(plain_preds[n] == labels).mean() for n in names])
 
     total = sum(r[1] for r in rows)
-    overall = ["overall", total] + [sum(r[i] * r[1] for r in rows) / total for i in range(2, 2 + 2 * len(models))]
-    names = list(models)
+    overall = ["overall", total] + [sum(r[i] * r[1] for r in rows) / total for i in range(2, 2 + 2 * len(names))]
     header = ["category", "n"] + [f"{m} to_mnist" for m in names] + [f"{m} plain resize" for m in names]
     print(f"{len(pictures)} categories, {total} pictures (made in {made:.1f} s, to_mnist "
           f"{1000 * preprocess_time / total:.1f} ms each on average)")
@@ -353,7 +346,7 @@ def main(argv=None) -> None:
     if args.out:
         contact_sheet(args.out / "contact_sheet.png", samples)
     print(f"contact sheet: {args.sheet}")
-    worst = min(overall[2:2 + len(models)])
+    worst = min(overall[2:2 + len(names)])
     if worst < args.min_accuracy:
         sys.exit(f"error: overall accuracy {worst:.3f} is below --min-accuracy {args.min_accuracy}")
 

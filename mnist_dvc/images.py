@@ -49,12 +49,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+from mnist_dvc.data import IMAGE_SIDE
+
 __all__ = ["ImageError", "MAX_PIXELS", "to_mnist", "load_image", "to_png"]
 
 MAX_PIXELS = 40_000_000  # refuse larger pictures from their header (Pillow warns at ~89M)
 MAX_FILE_BYTES = 200_000_000  # load_image refuses larger files before reading them
 WORK_SIDE = 1000  # pictures are shrunk to at most this long side before the float work
-SIDE = 28  # output size
+SIDE = IMAGE_SIDE  # output size, 28
 BOX = 20  # the longer side of the ink's bounding box in the output
 CENTRE = (14.0, 14.0)  # where the ink's centre of mass goes (row, column), as in MNIST
 MIN_PART = 0.05  # a connected component is kept if its ink is >= this fraction of the largest's
@@ -115,9 +117,9 @@ def load_image(path) -> np.ndarray:
         raise ImageError(f"{path} cannot be read: permission denied") from None
     except OSError as exc:
         raise ImageError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except ImageError:
+        raise
     except ValueError as exc:  # e.g. a NUL byte in the path
-        if isinstance(exc, ImageError):
-            raise
         raise ImageError(f"{str(path)!r} is not a valid path: {exc}") from None
     return to_mnist(data)
 
@@ -177,8 +179,10 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def _shrink_factor(img: Image.Image) -> int:
-    return max(1, math.ceil(max(img.size) / WORK_SIDE))
+def _shrink(img: Image.Image) -> Image.Image:
+    """``img`` reduced by a whole factor to at most WORK_SIDE px along its longer side."""
+    factor = math.ceil(max(img.size) / WORK_SIDE)
+    return img.reduce(factor) if factor > 1 else img
 
 
 def _greyscale(img: Image.Image) -> np.ndarray:
@@ -187,8 +191,7 @@ def _greyscale(img: Image.Image) -> np.ndarray:
     if mode in _WIDE_MODES:
         if mode.startswith("I;16"):
             img = img.convert("I")
-        if _shrink_factor(img) > 1:
-            img = img.reduce(_shrink_factor(img))
+        img = _shrink(img)
         grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         low, high = grey.min(), grey.max()
         # Scale by the picture's own range: 16-bit data need not use all 16 bits.
@@ -199,8 +202,7 @@ def _greyscale(img: Image.Image) -> np.ndarray:
     if mode in _ALPHA_MODES:
         if mode not in ("RGBA", "LA"):
             img = img.convert("RGBA")
-        if _shrink_factor(img) > 1:
-            img = img.reduce(_shrink_factor(img))
+        img = _shrink(img)
         alpha = np.asarray(img.getchannel("A"))
         luma = np.asarray(img.convert("L"))
         visible = alpha >= 128
@@ -217,8 +219,7 @@ def _greyscale(img: Image.Image) -> np.ndarray:
             img = img.convert("L")
         except ValueError:
             raise ImageError(f"the image's pixel format ({mode}) is not supported") from None
-    if _shrink_factor(img) > 1:
-        img = img.reduce(_shrink_factor(img))
+    img = _shrink(img)
     return np.asarray(img).astype(np.float32) * np.float32(1 / 255)
 
 

@@ -212,7 +212,7 @@ def create_app(predictor: Predictor) -> BodyLimit:
         "status": "ok",
         "backend": backend,
         "max_body_bytes": MAX_BODY,
-        "models": {name: {"description": NAMES[name], "file": MODELS[name][1 if predictor.onnx else 0],
+        "models": {name: {"description": NAMES[name], "file": predictor.files[name],
                           "sha256": hashes[name], "test_accuracy": accuracy[name]}
                    for name in MODELS},
     }).encode()
@@ -235,8 +235,6 @@ def create_app(predictor: Predictor) -> BodyLimit:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, BodyTooLarge):  # BodyLimit has answered already; this response is dropped
-            return error(413, str(exc))
         # A bug, never bad input. Starlette raises it again after this answer, and uvicorn
         # logs it with its traceback; the server goes on.
         return error(500, "internal server error")

@@ -296,13 +296,18 @@
   canvas.addEventListener("pointercancel", endStroke);
   canvas.addEventListener("lostpointercapture", endStroke);
 
-  function clear() {
+  // Back to an empty pad: no strokes, no picture, no answer on its way.
+  function resetPad() {
     strokes = [];
     active = null;
     activePointer = null;
     hidePicture();
     forgetPending();
     render();
+  }
+
+  function clear() {
+    resetPad();
     updateButtons();
     resetAnswer("Nothing drawn yet.");
     setStatus("Cleared. Draw a digit, or drop a picture on the square.");
@@ -350,12 +355,7 @@
 
   async function usePicture(file) {
     if (!file) return;
-    strokes = [];
-    active = null;
-    activePointer = null;
-    forgetPending();
-    render();
-    hidePicture();
+    resetPad();
     pictureUrl = URL.createObjectURL(file);
     picture.src = pictureUrl;
     picture.alt = `Your picture: ${file.name}`;
@@ -381,7 +381,8 @@
         return;
       }
     }
-    send(body, body.type || "application/octet-stream");
+    // Not an image type (a PDF dropped by mistake): the server looks at the bytes and says what they are not.
+    send(body, body.type.startsWith("image/") ? body.type : "application/octet-stream");
   }
 
   $("upload").addEventListener("click", () => fileInput.click());
