@@ -68,8 +68,12 @@ class LoopbackCluster:
                                            start_new_session=True) for args in commands]
         from distributed import Client
 
-        with Client(self.address, timeout="30s", set_as_default=False) as client:
-            client.wait_for_workers(workers, timeout=60)
+        try:
+            with Client(self.address, timeout="30s", set_as_default=False) as client:
+                client.wait_for_workers(workers, timeout=60)
+        except BaseException:  # the processes are in their own sessions: nobody else would stop them
+            self.stop()
+            raise
 
     def cpu_seconds(self) -> tuple[float, float]:
         """CPU time used so far by the scheduler and by this process (the client)."""

@@ -41,6 +41,7 @@ ENV_VAR = "DASK_SCHEDULER_ADDRESS"
 CONNECT_TIMEOUT = "10s"  # an unreachable scheduler is reported within this (a LAN connects in far less)
 WORKERS_TIMEOUT = 30  # seconds without any worker before tune gives up (see workers_timeout)
 PACKAGE = Path(__file__).resolve().parent
+PLUGIN = "mnist_dvc-package"  # the name the package's upload plugins are registered under
 
 
 def scheduler_address(option: str | None) -> str | None:
@@ -58,21 +59,24 @@ def package_zip() -> tuple[str, bytes]:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(PACKAGE.glob("*.py")):
             info = zipfile.ZipInfo(f"{PACKAGE.name}/{path.name}", date_time=(1980, 1, 1, 0, 0, 0))
-            archive.writestr(info, path.read_bytes())
+            archive.writestr(info, path.read_bytes(), compress_type=zipfile.ZIP_DEFLATED)
     data = buffer.getvalue()
     return f"{PACKAGE.name}-{hashlib.sha256(data).hexdigest()[:12]}.zip", data
 
 
-def _forget_package(dask_worker=None) -> None:
+def _forget_package() -> None:
     """On a worker or the scheduler: drop modules of this package imported from an earlier upload."""
     for name in [n for n in sys.modules if n == "mnist_dvc" or n.startswith("mnist_dvc.")]:
         del sys.modules[name]
 
 
 def ship_package(client) -> None:
-    """Make this package importable on the scheduler and every worker, present and future
-    (``Client.upload_file``): the scheduler unpickles the tasks too."""
+    """Make this package importable on the scheduler and every worker, present and future:
+    what ``Client.upload_file`` does, with the plugins under one fixed name (``PLUGIN``) so
+    that each run replaces the last run's, where ``upload_file`` would add one more per run
+    for every future worker to replay. The scheduler unpickles the tasks too."""
     import cloudpickle
+    from distributed.diagnostics.plugin import SchedulerUploadFile, UploadFile
 
     # _forget_package runs where mnist_dvc may not be importable yet: send it by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -82,7 +86,8 @@ def ship_package(client) -> None:
         path.write_bytes(data)
         client.run(_forget_package)
         client.run_on_scheduler(_forget_package)
-        client.upload_file(str(path), load=True)
+        client.register_plugin(SchedulerUploadFile(str(path), load=True), name=PLUGIN)
+        client.register_plugin(UploadFile(str(path), load=True), name=PLUGIN)
 
 
 @contextlib.contextmanager

@@ -35,5 +35,5 @@ class ReproducibleFit(Callback):
     def on_train_begin(self, net, **kwargs):
         import torch
 
-        configure_torch(self.threads)
+        configure_torch(self.threads, net.device)
         torch.manual_seed(self.seed)

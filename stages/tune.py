@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: $DASK_SCHEDULER_ADDRESS; unset: this machine, tune.n_jobs processes)")
     args = parser.parse_args(argv)
     model_params, train_params, tune_params = load_section("model"), load_section("train"), load_section("tune")
-    configure_torch(train_params.threads)
+    configure_torch(train_params.threads, resolve_device(train_params.device))
     # The images as stored (uint8): scaling them is the Pipeline's own first step.
     images, labels = load_stored_split(args.data, "train")
     images, labels = stratified_subset(images, labels, tune_params.subset_size, tune_params.seed)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,8 @@ from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from conftest import ran_stages, set_key, sh, stage_command, tool_env
-from mnist_dvc.cluster import connect
+from s3server import free_ports
+from mnist_dvc.cluster import ENV_VAR, connect
 from mnist_dvc.stage import StageError
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +44,6 @@ pytestmark = pytest.mark.e2e
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 DASK = Path(sys.executable).parent / "dask"
-ENV_VAR = "DASK_SCHEDULER_ADDRESS"
 OUTPUTS = ["metrics/tune.json", "metrics/tune_results.csv", "metrics/tune_cv_accuracy.png"]
 TUNE_ERROR = "error: a grid-search task failed on the Dask cluster at"
 
@@ -109,12 +108,6 @@ def fits_in(key: str) -> int:
 
 # --- a loopback cluster ------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Cluster:
     address: str
@@ -162,7 +155,7 @@ def start_cluster(tmp_path):
             fake.joinpath("__init__.py").write_text(
                 'raise ImportError("skorch is not installed here (a test stand-in)")\n')
             broken_env["PYTHONPATH"] = str(fake.parent)
-        port = free_port()
+        port = free_ports(1)[0]
         cluster = Cluster(f"tcp://127.0.0.1:{port}", folder)
         clusters.append(cluster)
 
@@ -386,7 +379,7 @@ def test_a_scheduler_lost_mid_search_ends_the_stage_in_one_line(copy_project, st
 
 def test_an_unreachable_scheduler_fails_in_one_line_and_replaces_nothing(copy_project):
     repo = copy_project()
-    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    address = f"tcp://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     start = time.monotonic()
     result = run(*stage_command("tune"), cwd=repo, env=cluster_env(address), timeout=60)
     elapsed = time.monotonic() - start
