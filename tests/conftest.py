@@ -150,6 +150,20 @@ def set_key(params: dict, dotted: str, value) -> None:
     node[last] = value
 
 
+def sections_with(changes: dict, path: Path | str = "params.yaml"):
+    """The model and train sections of ``path`` (default: the cwd's params.yaml) with ``changes``
+    applied, e.g. ``{"train": {"schedule": "cosine", "augment": {"shift": 2}}}``."""
+    from mnist_dvc.params import load_section
+
+    sections = {name: load_section(name, path) for name in ("model", "train")}
+    for name, update in changes.items():
+        update = dict(update)
+        if "augment" in update:
+            update["augment"] = sections[name].augment.model_copy(update=update["augment"])
+        sections[name] = sections[name].model_copy(update=update)
+    return sections["model"], sections["train"]
+
+
 def write_params(folder: Path, mirror_url: str, md5: dict[str, str], **overrides) -> Path:
     """The project's params.yaml, pointed at ``mirror_url`` with FAST_PARAMS and ``overrides``.
 

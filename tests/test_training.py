@@ -10,6 +10,7 @@ from torch import nn
 
 from pathlib import Path
 
+from conftest import sections_with
 from mnist_dvc.data import load_split
 from mnist_dvc.model import MLP, build_mlp, load_mlp, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
@@ -91,17 +92,6 @@ RECIPES = {
 }
 
 
-def sections_with(changes: dict):
-    """params.yaml's model and train sections (in the cwd) with ``changes`` applied."""
-    sections = {name: load_section(name) for name in ("model", "train")}
-    for name, update in changes.items():
-        update = dict(update)
-        if "augment" in update:
-            update["augment"] = sections[name].augment.model_copy(update=update["augment"])
-        sections[name] = sections[name].model_copy(update=update)
-    return sections["model"], sections["train"]
-
-
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_skorch_fit_and_explicit_loop_learn_bit_identical_weights(prepared, recipe):
     # Same init seed, same batch order (one seeded permutation per epoch), the
@@ -122,13 +112,16 @@ def test_skorch_fit_and_explicit_loop_learn_bit_identical_weights(prepared, reci
         assert max(lrs) <= train_params.lr + 1e-12 and len(set(lrs)) > 2
 
 
-def test_each_option_changes_what_is_learnt(prepared):
-    # An option that did nothing would pass the identity test above too.
+@pytest.mark.parametrize("recipe", [name for name in RECIPES if name != "defaults"])
+def test_each_option_changes_what_is_learnt(prepared, recipe):
+    # An option that did nothing would pass the identity test above too. The
+    # baseline: the defaults with the recipe's architecture, without dropout.
     train_split, val_split = splits(prepared)
-    baseline = train_stage.train(*sections_with({}), train_split, val_split).state_dict()
-    for recipe in ("onecycle", "cosine with warm-up", "weight decay (adamw)", "shifts", "shifts and rotations"):
-        changed = train_stage.train(*sections_with(RECIPES[recipe]), train_split, val_split).state_dict()
-        assert not all(torch.equal(a, b) for a, b in zip(baseline.values(), changed.values())), recipe
+    architecture = {k: v for k, v in RECIPES[recipe].get("model", {}).items() if k != "dropout"}
+    baseline = list(train_stage.train(*sections_with({"model": architecture}), train_split, val_split).parameters())
+    changed = list(train_stage.train(*sections_with(RECIPES[recipe]), train_split, val_split).parameters())
+    assert [p.shape for p in baseline] == [p.shape for p in changed]
+    assert not all(torch.equal(a, b) for a, b in zip(baseline, changed))
 
 
 def test_dropout_masks_depend_on_the_seed_only_and_vanish_in_eval_mode():
@@ -141,7 +134,9 @@ def test_dropout_masks_depend_on_the_seed_only_and_vanish_in_eval_mode():
     assert torch.equal(first, second)  # the global RNG plays no part
     assert not torch.equal(first, MLP([64], dropout=0.5, seed=4).train()(x))
     model.eval()
-    assert torch.equal(model(x), model(x))
+    without_dropout = MLP([64], dropout=0.0, seed=3)  # the same weights (same seed), no dropout layers
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), without_dropout.parameters()))
+    assert torch.equal(model(x), without_dropout.eval()(x))  # eval mode: no mask, no scaling
 
 
 def run_main(stage, folder: Path, name: str) -> Path:

@@ -10,6 +10,7 @@ import csv
 import json
 from pathlib import Path
 
+import joblib
 import numpy as np
 import torch
 import yaml
@@ -108,3 +109,11 @@ def test_scaling_step_matches_load_split_bit_for_bit():
     expected = torch.from_numpy(images).float().div_(255).reshape(1, -1).numpy()
     assert np.array_equal(features, expected)
     assert features.min() == 0 and features.max() == 1
+
+
+def test_local_workers_are_forked_on_the_cpu_only():
+    # A forked child cannot use CUDA once its parent has: on a GPU, fresh processes.
+    with tune.local_workers(torch.device("cpu")):
+        assert type(joblib.parallel.get_active_backend()[0]).__name__ == "MultiprocessingBackend"
+    with tune.local_workers(torch.device("cuda")):
+        assert type(joblib.parallel.get_active_backend()[0]).__name__ != "MultiprocessingBackend"
