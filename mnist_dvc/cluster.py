@@ -10,7 +10,7 @@ package to the scheduler and workers (they have the project's dependencies,
 not this checkout), and runs ``search.fit`` on joblib's ``dask`` backend:
 GridSearchCV's fits become Dask tasks. The training data and the folds'
 indices go to the cluster once, as the results of tasks that the fits
-depend on: each worker fetches them once, and Dask can recompute them, so a
+depend on: workers fetch them from each other, and Dask can recompute them, so a
 worker that dies loses nothing; Dask reruns its fits on the others. Each fit
 seeds and pins itself (``ReproducibleFit``), so the results are
 byte-identical to a local run.
@@ -144,8 +144,9 @@ def _backend(client, inputs: dict):
     and the scheduler's Active Memory Manager keeps only as many replicas of
     it as there are workers waiting for it. So each input here is instead the
     result of a small task holding the array (``np.asarray``): Dask recomputes
-    a lost result on another worker. The client sends each array once; each
-    worker fetches it once from a peer, for its first fit that needs it.
+    a lost result on another worker. The client sends each array once; a
+    worker fetches it from a peer for a fit that needs it (again, if the
+    Active Memory Manager dropped its copy between two fits).
 
     The failures: joblib's backend turns an exception raised by a fit into a
     result that it raises in the search, as a local run would. A task that

@@ -269,14 +269,19 @@ def test_on_a_cluster_tune_reruns_nothing_and_reproduces_the_local_bytes(copy_pr
     completed = state["completed"]
     per_worker = {w: sum(fits_in(key) for key, worker, _ in completed if worker == w) for w in arrived}
     assert sum(per_worker.values()) == 4 and all(per_worker.values()), per_worker
-    # The training images went to each worker once: the client sent them once,
-    # as a task (tune-images-...) that every fit depended on; one worker
-    # computed it, the other fetched it; neither got it again.
+    # The client sent the training images once, as a task (tune-images-...)
+    # that every fit depended on: one worker computed it; every other arrival
+    # is a fetch from a peer ("flight"), one at most per fit batch run there
+    # (Dask's Active Memory Manager may drop a worker's extra copy between
+    # two of its fits; the next one fetches it again).
     images = {key for _, _, deps in completed for key in deps if key.startswith("tune-images-")}
     assert len(images) == 1 and all(images <= deps for _, _, deps in completed), completed
     (images,) = images
-    assert {w: [key for key, _ in keys].count(images) for w, keys in arrived.items()} == {w: 1 for w in arrived}, \
-        repr(arrived)
+    starts = {w: [start for key, start in keys if key == images] for w, keys in arrived.items()}
+    assert sorted(start for w in starts for start in starts[w] if start != "flight") == ["executing"], starts
+    batches = {w: sum(1 for _, worker, _ in completed if worker == w) for w in arrived}
+    for w, received in starts.items():
+        assert 1 <= len(received) <= batches[w] + received.count("executing"), (w, starts, batches)
     # Each fit pinned its worker's torch threads to train.threads (1).
     assert set(threads_after.values()) == {1}, threads_after
     if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
