@@ -10,14 +10,16 @@
   during the run or at interpreter exit, which otherwise spends about
   0.5 s collecting them before the process can end. Frozen objects are still
   freed; nothing a stage writes depends on it.
-- SIGTERM is turned into an exception like SIGINT, so an interrupted stage
-  unwinds through ``atomic_path`` and removes its temporary file.
+- SIGINT (Ctrl-C) and SIGTERM are turned into an exception (``Interrupted``),
+  so an interrupted stage unwinds through ``atomic_path`` and removes its
+  temporary file, and exits with status 130.
 - ``atomic_path(path)`` yields a temporary path next to ``path`` and renames
   it over ``path`` only when the block succeeds: a reader never sees a
   half-written output, and a failed stage never replaces a good one.
   ``atomic_file(path)`` does the same with an open binary file, for savers
   (``torch.save``, ``np.save``, skorch's ``save_params``) that would otherwise
   record the temporary file's random name in the bytes they write.
+  ``atomic_dir(path)`` does it for a whole folder (DVCLive's).
 
 This module imports only the standard library: every stage imports it, and
 a stage's start-up is paid on every run.
@@ -30,6 +32,7 @@ import csv
 import gc
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -43,11 +46,16 @@ class StageError(Exception):
 
 
 class Interrupted(BaseException):
-    """Raised on SIGTERM so that cleanup runs as it does for Ctrl-C."""
+    """Raised on SIGINT (Ctrl-C) and SIGTERM, so that cleanup runs and the stage fails.
+
+    Not a KeyboardInterrupt: skorch's ``fit`` catches KeyboardInterrupt, ends
+    training early and returns normally, and the stage would save a
+    half-trained model and exit 0.
+    """
 
 
 def _raise_interrupted(signum, frame):
-    raise Interrupted(f"stopped by signal {signum}")
+    raise Interrupted("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
@@ -64,6 +72,30 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Yield a new empty folder next to ``path``; it replaces the folder ``path`` when the block succeeds.
+
+    For writers that fill a folder as they go (DVCLive's metrics and plots):
+    a failed or interrupted stage leaves the last good folder as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        old = tmp.with_suffix(".old")
+        if path.is_dir() and not path.is_symlink():
+            os.replace(path, old)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".old")):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -95,6 +127,7 @@ def write_csv(path: Path | str, header: Sequence[str], rows: Iterable[Sequence])
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main``; turn StageError and interrupts into a clean exit."""
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGINT, _raise_interrupted)
     gc.freeze()  # the imported modules' objects: see the module's docstring
     try:
         main()
@@ -103,5 +136,6 @@ def run_stage(main: Callable[[], None]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, Interrupted) as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}): no output was replaced", file=sys.stderr)
+        print(f"interrupted ({exc if isinstance(exc, Interrupted) else 'Ctrl-C'}): no output was replaced",
+              file=sys.stderr)
         sys.exit(130)

@@ -17,7 +17,7 @@ from mnist_dvc.data import load_split
 from mnist_dvc.model import configure_torch, resolve_device
 from mnist_dvc.params import load_section
 from mnist_dvc.skorch_net import DvcLiveLogger, build_net
-from mnist_dvc.stage import atomic_file, run_stage
+from mnist_dvc.stage import atomic_dir, atomic_file, run_stage
 
 
 def fit(model_params, train_params, train_split, val_split, live_dir=None):
@@ -41,9 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model_params, train_params = load_section("model"), load_section("train")
     configure_torch(train_params.threads, resolve_device(train_params.device))
-    net = fit(model_params, train_params, load_split(args.data, "train"), load_split(args.data, "val"), args.live)
-    with atomic_file(args.model) as f:
-        net.save_params(f_params=f)
+    train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
+    with atomic_dir(args.live) as live_dir:  # the last good metrics stay until the model is saved
+        net = fit(model_params, train_params, train_split, val_split, live_dir)
+        with atomic_file(args.model) as f:
+            net.save_params(f_params=f)
 
 
 if __name__ == "__main__":

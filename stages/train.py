@@ -42,7 +42,7 @@ from mnist_dvc.model import (
     schedule_steps,
 )
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import StageError, atomic_file, run_stage
+from mnist_dvc.stage import StageError, atomic_dir, atomic_file, run_stage
 
 
 def seeded_generators(seed: int) -> dict[str, torch.Generator]:
@@ -227,11 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
     from dvclive import Live  # imported where used: the benchmarks import this module without it
 
-    with Live(str(args.live), dvcyaml=None, save_dvc_exp=False) as live:
-        model = train(model_params, train_params, train_split, val_split, live)
-    state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
-    with atomic_file(args.model) as f:
-        torch.save(state, f)
+    # DVCLive fills its folder as training goes: it writes a new one, which replaces
+    # the last good one only once the model is saved.
+    with atomic_dir(args.live) as live_dir:
+        with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
+            model = train(model_params, train_params, train_split, val_split, live)
+        state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+        with atomic_file(args.model) as f:
+            torch.save(state, f)
 
 
 if __name__ == "__main__":

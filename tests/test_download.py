@@ -423,5 +423,5 @@ def test_sigterm_during_a_download_exits_130_and_leaves_no_partial_file(server, 
             proc.communicate()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert stderr.startswith("interrupted (stopped by signal 15): no output was replaced"), stderr
+    assert stderr.startswith("interrupted (SIGTERM): no output was replaced"), stderr
     assert_only_verified_files(tmp_path / "raw", md5, [TRAIN_IMAGES, TRAIN_LABELS])

@@ -15,6 +15,7 @@ import torch
 
 from conftest import dvc, run_stage_script, stage_command, stage_env, tool_env, write_params
 from mnist_dvc.model import MLP
+from stages import fit as fit_stage
 from stages import train as train_stage
 
 
@@ -55,30 +56,59 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def epochs_logged(folder: Path) -> int:
-    tsv = folder / "metrics/train/plots/metrics/train/loss.tsv"
-    return max(0, len(tsv.read_text().splitlines()) - 1) if tsv.exists() else 0
+def epochs_logged(folder: Path, stage: str = "train") -> int:
+    """Epochs a running stage has logged: DVCLive writes into a new folder beside metrics/<stage>."""
+    logged = [len(tsv.read_text().splitlines()) - 1
+              for tsv in (folder / "metrics").glob(f".{stage}.*.tmp/plots/metrics/train/loss.tsv")]
+    return max([0, *logged])
 
 
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+STAGES = {"train": (train_stage, "models/mlp.pt"), "fit": (fit_stage, "models/skorch_params.pt")}
+
+
+@pytest.mark.parametrize("stage", ["train", "fit"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_train_stage_keeps_the_previous_model_and_leaves_no_partial_file(prepared, mirror, sig):
-    train_stage.main([])  # a good model first (in-process: only the interrupted run needs its own process)
-    good = (prepared / "models/mlp.pt").read_bytes()
+def test_an_interrupted_training_keeps_the_previous_model_and_metrics_and_leaves_no_partial_file(
+        prepared, mirror, stage, sig):
+    # skorch's fit catches KeyboardInterrupt, stops early and returns normally: a Ctrl-C
+    # there once saved a half-trained model and exited 0. DVCLive writes as it goes.
+    module, model_path = STAGES[stage]
+    module.main([])  # a good model first (in-process: only the interrupted run needs its own process)
+    good_model, good_metrics = (prepared / model_path).read_bytes(), tree(prepared / "metrics" / stage)
+    assert good_metrics
     folder, md5 = mirror
     write_params(prepared, folder.as_uri() + "/", md5, train__epochs=1000)
-    shutil.rmtree(prepared / "metrics/train")  # so the epochs counted below are the new run's
-    process = subprocess.Popen(stage_command("train"), cwd=prepared, env=stage_env(),
+    process = subprocess.Popen(stage_command(stage), cwd=prepared, env=stage_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: epochs_logged(prepared) >= 2, 60, "two epochs of the long run")
+        wait_for(lambda: epochs_logged(prepared, stage) >= 2, 60, "two epochs of the long run")
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=30)
     finally:
         process.kill()
     assert process.returncode == 130, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
-    assert (prepared / "models/mlp.pt").read_bytes() == good
-    assert sorted(p.name for p in (prepared / "models").iterdir()) == ["mlp.pt"]
+    reason = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    assert stderr.strip().splitlines()[-1] == f"interrupted ({reason}): no output was replaced", stderr
+    assert "Traceback" not in stderr
+    assert (prepared / model_path).read_bytes() == good_model
+    assert tree(prepared / "metrics" / stage) == good_metrics
+    assert not [p.name for p in (prepared / "models").iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in (prepared / "metrics").iterdir() if p.name.startswith(".")]
+
+
+def test_a_training_that_fails_keeps_the_previous_metrics(prepared, mirror):
+    train_stage.main([])
+    good_metrics = tree(prepared / "metrics/train")
+    folder, md5 = mirror
+    write_params(prepared, folder.as_uri() + "/", md5, train__cuda_graph="on")  # refused once Live has started
+    result = run_stage_script("train", cwd=prepared, check=False)
+    assert result.returncode == 1 and result.stderr.startswith("error: train.cuda_graph"), result.stderr
+    assert tree(prepared / "metrics/train") == good_metrics
+    assert not [p.name for p in (prepared / "metrics").iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.e2e
@@ -87,14 +117,11 @@ def test_interrupted_dvc_repro_leaves_the_last_good_model_recoverable_with_dvc_c
     good = (repo / "models/mlp.pt").read_bytes()
     folder, md5 = mirror
     write_params(repo, folder.as_uri() + "/", md5, train__epochs=1000)
-    started = time.time()
     process = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "train"], cwd=repo,
                                env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
-    tsv = repo / "metrics/train/plots/metrics/train/loss.tsv"
     try:
-        wait_for(lambda: tsv.exists() and tsv.stat().st_mtime > started and epochs_logged(repo) >= 2,
-                 120, "the train stage to log two epochs")
+        wait_for(lambda: epochs_logged(repo) >= 2, 120, "the train stage to log two epochs")
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole process group
         output, _ = process.communicate(timeout=60)
     finally:
