@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,12 +46,49 @@ def summary(path: str, answer: dict) -> str:
     return f"{path}: the models disagree: {details}"
 
 
-def save_inputs(folder: Path, inputs: dict[int, np.ndarray], paths: list[str]) -> None:
-    """Write each 28x28 input as ``<n>-<stem>.png``, numbered in the order given."""
-    width = len(str(len(paths)))
+MAX_STEM_BYTES = 120  # of a picture's name in --save-input's file names: a legal name plus the
+# number and the temporary suffix must stay under the usual 255-byte limit
+
+
+def input_name(index: int, count: int, path: str) -> str:
+    """``<n>-<stem>.png`` for the ``index``-th of ``count`` pictures; a long stem is shortened."""
+    stem = Path(path).stem
+    while len(os.fsencode(stem)) > MAX_STEM_BYTES:
+        stem = stem[:-1]
+    return f"{index + 1:0{len(str(count))}d}-{stem}.png"
+
+
+def input_folder(folder: Path) -> Path:
+    """``--save-input``'s folder, created now; a UsageError if it cannot be (before any work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--save-input: {folder} exists and is not a folder") from None
+    except OSError as exc:
+        raise UsageError(f"--save-input: cannot create the folder {folder}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--save-input: cannot write in the folder {folder}: permission denied")
+    return folder
+
+
+class UsageError(Exception):
+    """A wrong command line: one line on stderr, exit status 2."""
+
+
+def save_inputs(folder: Path, inputs: dict[int, np.ndarray], paths: list[str]) -> list[str]:
+    """Write each 28x28 input as ``<n>-<stem>.png``, numbered in the order given.
+
+    Returns one line per input that could not be written (the others are).
+    """
+    failed = []
     for index, image in inputs.items():
-        with atomic_path(folder / f"{index + 1:0{width}d}-{Path(paths[index]).stem}.png") as tmp:
-            tmp.write_bytes(to_png(image))
+        target = folder / input_name(index, len(paths), paths[index])
+        try:
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(to_png(image))
+        except OSError as exc:
+            failed.append(f"{target}: cannot write the 28x28 input: {exc.strerror or exc}")
+    return failed
 
 
 def classify(paths: list[str], predictor: Predictor) -> tuple[list[dict], dict[int, np.ndarray]]:
@@ -79,23 +117,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-root", type=Path, default=Path("."), metavar="DIR",
                         help="the project folder holding models/ and params.yaml (default: the current one)")
     args = parser.parse_args(argv)
+    # A file name that is not valid UTF-8 is printed with \x escapes, not a UnicodeEncodeError.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        folder = input_folder(args.save_input) if args.save_input else None
+    except UsageError as exc:
+        parser.error(str(exc))  # exit status 2
     try:
         predictor = Predictor(args.models_root, onnx=args.onnx)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     answers, inputs = classify(args.images, predictor)
-    if args.save_input:
-        save_inputs(args.save_input, inputs, args.images)
-    if args.json:
-        print(json.dumps(answers, indent=2))
-    else:
-        for answer in answers:
-            if "error" in answer:
-                print(f"{answer['path']}: error: {answer['error']}", file=sys.stderr)
-            else:
-                print(summary(answer["path"], answer))
-    return 1 if any("error" in answer for answer in answers) else 0
+    failed = save_inputs(folder, inputs, args.images) if folder else []
+    try:
+        if args.json:
+            print(json.dumps(answers, indent=2))
+        else:
+            for answer in answers:
+                if "error" in answer:
+                    print(f"{answer['path']}: error: {answer['error']}", file=sys.stderr)
+                else:
+                    print(summary(answer["path"], answer))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `predict ... | head`: the reader is gone; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failed or any("error" in answer for answer in answers) else 0
 
 
 if __name__ == "__main__":

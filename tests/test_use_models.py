@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -131,6 +132,54 @@ def test_save_input_writes_the_28x28_each_picture_became(reproduced, pictures, t
         with Image.open(path) as img:
             assert img.size == (28, 28) and img.mode == "L"
         assert path.read_bytes() == to_png(load_image(picture))
+
+
+def test_save_input_refuses_an_unusable_folder_before_any_work(reproduced, pictures, tmp_path):
+    paths, _, _ = pictures
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for folder, reason in [(a_file, "exists and is not a folder"), (a_file / "sub", "cannot create the folder")]:
+        result = predict("--save-input", str(folder), str(paths[0]), cwd=reproduced)
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert "Traceback" not in result.stderr and f"--save-input: " in result.stderr
+        assert reason in result.stderr.strip().splitlines()[-1]
+
+
+def test_save_input_shortens_a_long_picture_name(reproduced, pictures, tmp_path):
+    paths, _, _ = pictures
+    long = tmp_path / ("x" * 240 + ".png")  # a legal name; with the number and temp suffix it was not
+    long.write_bytes(paths[1].read_bytes())
+    out = tmp_path / "inputs"
+    result = predict("--save-input", str(out), str(long), cwd=reproduced)
+    assert result.returncode == 0, result.stderr
+    (saved,) = out.iterdir()
+    assert saved.name == "1-" + "x" * 120 + ".png"
+    assert saved.read_bytes() == to_png(load_image(long))
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(reproduced, pictures, tmp_path):
+    paths, _, _ = pictures
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/seven-\xff.png"))
+    odd.write_bytes(paths[1].read_bytes())
+    env = {**tool_env(), "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run([sys.executable, "-m", "mnist_dvc.predict", str(paths[0]), str(odd)], cwd=reproduced,
+                            env=env, capture_output=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == b"", result.stderr.decode(errors="replace")
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == 2 and lines[1].startswith(f"{tmp_path}/seven-\\udcff.png: "), lines
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(reproduced, pictures):
+    paths, _, _ = pictures
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before predict prints (as `predict ... | head -0`)
+    try:
+        result = subprocess.run([sys.executable, "-m", "mnist_dvc.predict", "--json", *map(str, paths[:3])],
+                                cwd=reproduced, env={**tool_env(), "PYTHONPATH": str(REPO)}, stdout=write,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == 1 and result.stderr == "", result.stderr
 
 
 def test_onnx_backend_gives_the_same_answers_as_pytorch(reproduced, pictures):
