@@ -19,8 +19,10 @@ listening, with one line saying to run ``dvc repro`` or ``dvc pull``.
 
 Bad input is answered with a 4xx and ``{"error": "one sentence"}``, never a
 500: a body over ``MAX_BODY`` bytes gets 413 before it is read (declared
-``Content-Length``, or counted while it arrives), a picture ``to_mnist``
-cannot use 422, an unsupported content type 415, a malformed form 400.
+``Content-Length``, or counted while it arrives), a body that stops
+arriving 408, a picture ``to_mnist`` cannot use 422, an unsupported content
+type 415, a malformed form 400. (uvicorn itself answers a plain-text 503
+while it holds ``limit_concurrency`` connections.)
 
 The little CPU work of a request (``to_mnist`` ~2 ms, both forward passes
 ~0.1 ms) runs inline on the event loop: it is the fastest way on a small
@@ -47,6 +49,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from mnist_dvc.data import IMAGE_SIDE
 from mnist_dvc.images import ImageError, to_mnist, to_png
@@ -61,6 +64,11 @@ MAX_BODY = 2_000_000  # bytes: a canvas drawing is a few kB; the page shrinks bi
 LINGER_BYTES = 8 * MAX_BODY
 LINGER_SECONDS = 2.0
 LINGER_IDLE = 0.5  # ... and no longer than this after the client goes quiet
+# A body that stops arriving is answered 408 and its connection closed: a client that
+# stalls mid-upload (a phone off Wi-Fi, or on purpose) must not hold a connection for good.
+BODY_IDLE_SECONDS = 10.0  # the longest pause between two pieces of a body
+BODY_SECONDS = 60.0  # the longest a whole body may take (2 MB at 33 kB/s)
+FIELD_LIMIT = 64 * 1024  # a multipart field that is not a file (Starlette's max_part_size)
 FILE_FIELD = "file"
 RAW_TYPES = ("image/", "application/octet-stream")
 NAMES = {"manual": "explicit PyTorch loop", "skorch": "skorch NeuralNetClassifier"}
@@ -85,8 +93,13 @@ class BodyTooLarge(Exception):
     """Raised into the app when the body it is reading passes the limit (a 413 is already sent)."""
 
 
+class BodyTimeout(Exception):
+    """Raised into the app when the body it is reading stops arriving (a 408 is already sent)."""
+
+
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, without reading them.
+    """Refuse request bodies over ``limit`` bytes with 413, without reading them,
+    and bodies that stop arriving with 408.
 
     A declared ``Content-Length`` over the limit is answered at once, before
     any of the body is read (and a client that sent ``Expect: 100-continue``
@@ -96,12 +109,19 @@ class BodyLimit:
     ``LINGER_SECONDS`` more of what the client is still sending is dropped
     (until it pauses for ``LINGER_IDLE``) before the connection closes, so
     that the client can read the 413 rather than a connection reset.
+
+    While the app reads a body, each piece must come within
+    ``BODY_IDLE_SECONDS`` of the last and the whole within ``BODY_SECONDS``;
+    otherwise the answer is a 408 and the connection closes. (uvicorn's own
+    timeouts cover idle connections, not a request whose body stalls.)
     """
 
     def __init__(self, app, limit: int = MAX_BODY):
         self.app, self.limit = app, limit
-        self.body = json.dumps({"error": f"the request body is larger than the limit "
-                                         f"({limit:,} bytes)"}).encode()
+        self.too_large = json.dumps({"error": f"the request body is larger than the limit "
+                                              f"({limit:,} bytes)"}).encode()
+        self.too_slow = json.dumps({"error": f"the upload stalled: no data for {BODY_IDLE_SECONDS:g} s, "
+                                             f"or not complete after {BODY_SECONDS:g} s"}).encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -113,25 +133,39 @@ class BodyLimit:
             elif name == b"expect":
                 expect_continue = value.lower() == b"100-continue"
         if declared is not None and declared > self.limit:
-            await self._refuse(send)
+            await self._refuse(send, 413, self.too_large)
             if not expect_continue:
                 await self._linger(receive)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
 
         received = 0
-        started = refused = False
+        started = refused = body_done = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_SECONDS
 
         async def limited_receive():
-            nonlocal received, refused
-            message = await receive()
+            nonlocal received, refused, body_done
+            if body_done:  # the app waits for the client to disconnect: no time limit
+                return await receive()
+            try:
+                timeout = max(0.0, min(BODY_IDLE_SECONDS, deadline - loop.time()))
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:
+                if not started:
+                    refused = True
+                    await self._refuse(send, 408, self.too_slow)
+                raise BodyTimeout("the request body stopped arriving") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.limit:
                     if not started:
                         refused = True
-                        await self._refuse(send)
+                        await self._refuse(send, 413, self.too_large)
                     raise BodyTooLarge(f"request body over {self.limit} bytes")
+            else:
+                body_done = True
             return message
 
         async def tracked_send(message):
@@ -144,19 +178,21 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, tracked_send)
-        except Exception:  # noqa: BLE001 - BodyTooLarge, or whatever the app turned it into
+        except Exception:  # noqa: BLE001 - BodyTooLarge, BodyTimeout, or whatever the app turned it into
             if not refused:
                 raise
         if refused:
-            await self._linger(receive)
+            if received > self.limit:
+                await self._linger(receive)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _refuse(self, send) -> None:
-        """The 413's head and body; the response ends (and the connection closes) after the linger."""
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode()),
+    @staticmethod
+    async def _refuse(send, status: int, body: bytes) -> None:
+        """The refusal's head and body; the response ends (and the connection closes) later."""
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        await send({"type": "http.response.body", "body": body, "more_body": True})
 
     @staticmethod
     async def _linger(receive) -> None:
@@ -191,17 +227,32 @@ class Static(StaticFiles):
 async def image_bytes(request: Request) -> bytes:
     """The picture's bytes: the raw body, or the form's ``file`` field. Raises HTTPException."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
-            upload = form.get(FILE_FIELD)
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(400, f"the form has no file field named {FILE_FIELD!r}")
-            return await upload.read()
-    if content_type and not content_type.startswith(RAW_TYPES):
+    if content_type and content_type != "multipart/form-data" and not content_type.startswith(RAW_TYPES):
         raise HTTPException(415, f"unsupported content type {content_type!r}: send the picture as the "
                                  f"request body with Content-Type image/png, image/jpeg, ... or "
                                  f"application/octet-stream, or as a multipart form field named {FILE_FIELD!r}")
-    return await request.body()
+    try:
+        if content_type != "multipart/form-data":
+            return await request.body()
+        try:
+            async with request.form(max_files=1, max_fields=8, max_part_size=FIELD_LIMIT) as form:
+                upload = form.get(FILE_FIELD)
+                if upload is None:
+                    raise HTTPException(400, f"the form has no file field named {FILE_FIELD!r}")
+                if not isinstance(upload, UploadFile):
+                    raise HTTPException(400, f"the form field {FILE_FIELD!r} holds text, not a file: "
+                                             f"upload the picture as a file (a part with a filename)")
+                return await upload.read()
+        except HTTPException as exc:
+            if str(exc.detail).startswith("Part exceeded maximum size"):  # Starlette's words
+                raise HTTPException(400, f"a form field that is not a file is over {FIELD_LIMIT // 1024} KB: "
+                                         f"upload the picture as a file field named {FILE_FIELD!r} "
+                                         f"(a part with a filename), or as the request body") from None
+            raise
+    except ClientDisconnect:
+        # The client went away mid-upload: nobody reads this answer; it only keeps the
+        # disconnect out of the server's log as an "Exception in ASGI application".
+        raise HTTPException(400, "the upload was cut off before its end") from None
 
 
 def create_app(predictor: Predictor) -> BodyLimit:

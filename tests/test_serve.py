@@ -31,7 +31,7 @@ from test_images import png_header_only
 
 from mnist_dvc.images import to_mnist
 from mnist_dvc.inference import Predictor
-from mnist_dvc.serve import MAX_BODY, create_app
+from mnist_dvc.serve import BODY_IDLE_SECONDS, MAX_BODY, create_app
 
 pytestmark = pytest.mark.e2e
 
@@ -311,10 +311,16 @@ def test_bad_uploads_get_a_clear_4xx_and_the_server_carries_on(server, client):
         assert response.status_code == want_status, (case, response.text)
         assert message in response.json()["error"], (case, response.text)
     # Multipart forms without a file called "file".
-    for form in ({"files": {"picture": ("a.png", good, "image/png")}},
-                 {"files": {"other": ("a.txt", b"x", "text/plain")}, "data": {"file": "not a file"}}):
+    forms = {"no field 'file'": ({"files": {"picture": ("a.png", good, "image/png")}}, "no file field named 'file'"),
+             "'file' is text": ({"files": {"other": ("a.txt", b"x", "text/plain")}, "data": {"file": "not a file"}},
+                                "the form field 'file' holds text, not a file"),
+             "'file' without a filename": ({"files": {"file": (None, good[:1000], "image/png")}},
+                                           "the form field 'file' holds text, not a file"),
+             "a big text field": ({"files": {"file": (None, b"x" * 70_000, "image/png")}},
+                                  "a form field that is not a file is over 64 KB")}
+    for case, (form, message) in forms.items():
         response = client.post("/api/predict", **form)
-        assert response.status_code == 400 and "no file field named 'file'" in response.json()["error"]
+        assert response.status_code == 400 and message in response.json()["error"], (case, response.text)
     # Wrong method, unknown path: still JSON errors.
     response = client.get("/api/predict")
     assert response.status_code == 405 and response.headers["allow"] == "POST" and "error" in response.json()
@@ -326,6 +332,27 @@ def test_bad_uploads_get_a_clear_4xx_and_the_server_carries_on(server, client):
     check_answer(response.json(), good)
     assert server.alive()
     assert "Traceback" not in "".join(server.stderr) and "500" not in "".join(server.stderr)
+
+
+def test_an_upload_cut_off_or_stalled_is_dropped_without_an_error_in_the_log(server, client):
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b"\x89PNG\r\n\x1a\n")
+    # Cut off: the client goes away after 10 of the 1,000 bytes it announced (a phone off Wi-Fi).
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        time.sleep(0.3)
+    # Stalled: the client stays, silent. The server answers 408 and closes, after BODY_IDLE_SECONDS.
+    start = time.monotonic()
+    status, body = status_and_json(send_raw(server.port, head, timeout=BODY_IDLE_SECONDS + 10))
+    elapsed = time.monotonic() - start
+    assert status == 408 and body["error"].startswith("the upload stalled"), body
+    assert BODY_IDLE_SECONDS - 0.5 < elapsed < BODY_IDLE_SECONDS + 5
+    # Good requests are still answered, and nothing went to the log as an error.
+    response = client.post("/api/predict", content=canvas_stroke(), headers={"Content-Type": "image/png"})
+    assert response.status_code == 200
+    time.sleep(0.3)
+    log = "".join(server.stderr)
+    assert "Traceback" not in log and "Exception" not in log and "ERROR" not in log, log
 
 
 def test_missing_models_stop_the_server_before_it_listens(tmp_path):
