@@ -105,17 +105,39 @@ def save_split(processed_dir: Path | str, split: str, images: np.ndarray, labels
             np.save(f, array, allow_pickle=False)
 
 
+RERUN_PREPROCESS = "rerun the preprocess stage (`dvc repro preprocess`)"
+
+
 def load_stored_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(images, labels)`` of a split as stored: uint8 N x 28 x 28, int64 N."""
+    """Return ``(images, labels)`` of a split as stored: uint8 N x 28 x 28, integer N in 0..9.
+
+    Raises StageError naming the file for one that is missing, not an
+    ``.npy`` array, of the wrong dtype or shape, with a label outside 0..9,
+    or with a count that differs from the other file's.
+    """
     arrays = []
     for path in split_paths(processed_dir, split):
         try:
             arrays.append(np.load(path, allow_pickle=False))
         except FileNotFoundError:
             raise StageError(f"{path}: not found (run the preprocess stage first)") from None
-        except ValueError as exc:  # not an .npy file, or one holding pickled objects
-            raise StageError(f"{path}: not a NumPy array file ({exc}); rerun the preprocess stage") from None
-    return arrays[0], arrays[1]
+        except ValueError as exc:  # not an .npy file, a truncated one, or one holding pickled objects
+            raise StageError(f"{path}: not a NumPy array file ({exc}); {RERUN_PREPROCESS}") from None
+    (images_path, labels_path), (images, labels) = split_paths(processed_dir, split), arrays
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise StageError(f"{images_path}: {images.dtype} array of shape {images.shape}, expected uint8 "
+                         f"N x {IMAGE_SIDE} x {IMAGE_SIDE}; {RERUN_PREPROCESS}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+        raise StageError(f"{labels_path}: {labels.dtype} array of shape {labels.shape}, expected integer "
+                         f"labels of shape (N,); {RERUN_PREPROCESS}")
+    if len(images) != len(labels):
+        raise StageError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
+                         f"{RERUN_PREPROCESS}")
+    outside = (labels < 0) | (labels >= N_CLASSES)
+    if outside.any():
+        bad = int(np.argmax(outside))
+        raise StageError(f"{labels_path}: label {labels[bad]} at index {bad} is outside 0..9; {RERUN_PREPROCESS}")
+    return images, labels
 
 
 def load_split(processed_dir: Path | str, split: str):
@@ -123,4 +145,4 @@ def load_split(processed_dir: Path | str, split: str):
     import torch
 
     images, labels = load_stored_split(processed_dir, split)
-    return torch.from_numpy(images).float().div_(255), torch.from_numpy(labels)
+    return torch.from_numpy(images).float().div_(255), torch.from_numpy(labels.astype(np.int64, copy=False))

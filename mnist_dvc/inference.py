@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_dvc.data import IMAGE_SIDE
-from mnist_dvc.onnx_runtime import onnx_session
+from mnist_dvc.onnx_runtime import check_contract, onnx_session
 from mnist_dvc.stage import StageError
 
 MODELS = {
@@ -70,7 +70,8 @@ class Predictor:
         except Exception as exc:  # onnxruntime raises its own exception types for a bad file
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise StageError(f"{path}: not a usable ONNX model ({reason}); {GET_MODELS}") from None
-        return lambda images: session.run(["logits"], {"images": images})[0]
+        check_contract(session, path)
+        return lambda images: session.run(None, {"images": images})[0]
 
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """float32 (N, 28, 28) in [0, 1], white on black -> {name: softmax probabilities (N, 10)}."""

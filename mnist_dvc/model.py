@@ -197,12 +197,42 @@ def load_mlp(model_params, path) -> MLP:
 
     Both trainings save a plain state_dict (skorch's ``save_params`` writes
     ``module_.state_dict()``). ``weights_only=True``: tensors only, never
-    pickled code. A file that is not such a state_dict, or one trained with
-    another ``model:`` section, raises ``pickle.UnpicklingError`` or ``RuntimeError``.
+    pickled code. A file that is not such a state_dict raises
+    ``pickle.UnpicklingError`` or ``ValueError`` (``check_state_dict``), one
+    trained with another ``model:`` section ``RuntimeError``.
     """
     model = build_mlp(model_params, seed=0)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    check_state_dict(state)
+    model.load_state_dict(state)
     return model.eval()
+
+
+def check_finite_loss(loss: float, epoch: int) -> None:
+    """A StageError once an epoch's training loss is NaN or infinite: training diverged,
+    the weights are lost, and the stage must not save them as a model."""
+    if not math.isfinite(loss):
+        raise StageError(f"training diverged: train/loss is {loss} after epoch {epoch}; lower train.lr "
+                         f"(or warm up: train.warmup); no output was replaced")
+
+
+def check_state_dict(state) -> None:
+    """Raise ValueError unless ``state`` is a dict of finite floating-point tensors.
+
+    ``weights_only=True`` also lets through a bare tensor, None, a list, or
+    integer tensors (which ``load_state_dict`` would silently truncate the
+    weights into), and NaN weights would give NaN metrics and answers.
+    """
+    if not isinstance(state, dict):
+        found = "None" if state is None else type(state).__name__
+        raise ValueError(f"the file does not hold a state dict but {found}")
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"the file does not hold a state dict: {key!r} is {type(tensor).__name__}, not a tensor")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{key} is {tensor.dtype}, not floating point")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{key} holds NaN or infinite values")
 
 
 def load_trained(name: str, model_params, path: Path) -> MLP:
@@ -217,8 +247,11 @@ def load_trained(name: str, model_params, path: Path) -> MLP:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as exc:
         # weights_only=True refuses anything but tensors; a size mismatch
         # means the model section changed since the model was trained.
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise StageError(f"{path}: refused to load as {name} model weights: {reason}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # load_state_dict's error is a header, then one line per problem: keep the first problem too.
+        reason = " ".join(lines[:2]) if lines[0].startswith("Error(s) in loading state_dict") else lines[0]
+        raise StageError(f"{path}: refused to load as {name} model weights: {reason.rstrip('.')} "
+                         f"(rerun the {TRAINED_BY[name]} stage)") from None
 
 
 @torch.no_grad()

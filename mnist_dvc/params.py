@@ -26,7 +26,10 @@ MNIST_TRAIN_SIZE = 60_000
 MD5 = Field(pattern=r"^[0-9a-f]{32}$")
 # Constrained types shared by several keys: pydantic checks each item and
 # names it in the error (``tune.grid.lr[1] = -0.1: Input should be greater than 0``).
-LayerSize = Annotated[int, Field(ge=1)]
+# At most 65,536 units a layer: 784 x 65,536 floats is already 200 MB of weights.
+LayerSize = Annotated[int, Field(ge=1, le=65_536)]
+# NumPy's and scikit-learn's seed range (torch takes up to 2**64 - 1, offsets included).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 LearningRate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 Hidden = Annotated[list[LayerSize], Field(min_length=1)]
 Epochs = Annotated[int, Field(ge=1, le=1000)]
@@ -66,7 +69,7 @@ class DownloadParams(Section):
 class PreprocessParams(Section):
     # A fraction of the 60,000 training images in [0, 1), or a count below 60,000.
     val_size: float | int = Field(ge=0)
-    seed: int = Field(ge=0)
+    seed: Seed
 
     @field_validator("val_size")
     @classmethod
@@ -99,7 +102,7 @@ class TrainParams(Section):
     schedule: Literal["constant", "onecycle", "cosine"]
     warmup: float = Field(ge=0, lt=1)  # a fraction of all steps
     augment: AugmentParams
-    seed: int = Field(ge=0)
+    seed: Seed
     threads: int = Field(ge=1, le=256)
     device: Literal["auto", "cpu", "cuda"]
     # The explicit loop's step captured as a CUDA graph (stages/train.py):
@@ -136,7 +139,7 @@ class TuneParams(Section):
     cv: int = Field(ge=2, le=10)
     n_jobs: int = Field(ge=1, le=64)
     batch_size: int = Field(ge=1)
-    seed: int = Field(ge=0)
+    seed: Seed
     grid: TuneGrid
 
 
@@ -186,9 +189,15 @@ def load_section(section: str, path: Path | str = PARAMS_FILE) -> Section:
     path = Path(path)
     try:
         # YAML 1.2, as DVC reads params.yaml: `lr: 1e-3` is a number, `yes` a string.
-        document = YAML(typ="safe", pure=True).load(path.read_text())
+        document = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StageError(f"{path} not found: run the stage from the repository root") from None
+    except IsADirectoryError:
+        raise StageError(f"{path} is a directory, not a file: put the YAML params file there") from None
+    except OSError as exc:
+        raise StageError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise StageError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
     except YAMLError as exc:
         raise StageError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(document, dict) or section not in document:

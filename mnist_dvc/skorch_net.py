@@ -22,7 +22,15 @@ from torch import nn
 
 from mnist_dvc.augment import augment_batch, augment_generator
 from mnist_dvc.data import N_CLASSES
-from mnist_dvc.model import MLP, OPTIMIZERS, lr_scheduler, needs_scheduler, optimizer_kwargs, schedule_steps
+from mnist_dvc.model import (
+    MLP,
+    OPTIMIZERS,
+    check_finite_loss,
+    lr_scheduler,
+    needs_scheduler,
+    optimizer_kwargs,
+    schedule_steps,
+)
 
 
 class TensorBatches:
@@ -86,6 +94,13 @@ class DvcLiveLogger(Callback):
     def on_train_end(self, net, **kwargs):
         self.live_.end()
         del self.live_
+
+
+class StopWhenDiverged(Callback):
+    """End the fit with a StageError once an epoch's train_loss is NaN or infinite (``check_finite_loss``)."""
+
+    def on_epoch_end(self, net, **kwargs):
+        check_finite_loss(net.history[-1, "train_loss"], len(net.history))
 
 
 def module_params(model_params, seed: int = 0) -> dict:

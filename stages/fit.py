@@ -16,7 +16,7 @@ from pathlib import Path
 from mnist_dvc.data import load_split
 from mnist_dvc.model import configure_torch, resolve_device
 from mnist_dvc.params import load_section
-from mnist_dvc.skorch_net import DvcLiveLogger, build_net
+from mnist_dvc.skorch_net import DvcLiveLogger, StopWhenDiverged, build_net
 from mnist_dvc.stage import atomic_dir, atomic_file, run_stage
 
 
@@ -25,7 +25,7 @@ def fit(model_params, train_params, train_split, val_split, live_dir=None):
     device = resolve_device(train_params.device)
     images, labels = (t.to(device) for t in train_split)
     val_split = tuple(t.to(device) for t in val_split)
-    callbacks = [DvcLiveLogger(str(live_dir))] if live_dir is not None else []
+    callbacks = [StopWhenDiverged()] + ([DvcLiveLogger(str(live_dir))] if live_dir is not None else [])
     net = build_net(
         model_params, train_params, seed=train_params.seed, device=str(device),
         val_split=val_split, n_train=len(images), callbacks=callbacks,

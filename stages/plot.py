@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,10 @@ from matplotlib.ticker import MaxNLocator
 from mnist_dvc.data import N_CLASSES, load_stored_split
 from mnist_dvc.figures import plt, save_png
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import run_stage
+from mnist_dvc.stage import StageError, run_stage
 
 TRAININGS = {"manual": "explicit loop (train)", "skorch": "skorch (fit)"}
+RERUN_EVALUATE = "rerun `dvc repro evaluate`"
 
 
 def read_curve(path: Path) -> tuple[list[int], list[float]]:
@@ -41,9 +43,39 @@ def read_curve(path: Path) -> tuple[list[int], list[float]]:
     return [int(r["step"]) + 1 for r in rows], [float(r[value]) for r in rows]
 
 
-def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(actual, predicted) label arrays from evaluate's CSV."""
-    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+def read_evaluation(path: Path) -> dict:
+    """evaluate.json, with a test accuracy in [0, 1] for each training; StageError naming the file if not."""
+    try:
+        evaluation = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found; run `dvc repro evaluate`") from None
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise StageError(f"{path}: not valid JSON ({exc}); {RERUN_EVALUATE}") from None
+    for name in TRAININGS:
+        entry = evaluation.get(name) if isinstance(evaluation, dict) else None
+        accuracy = entry.get("accuracy") if isinstance(entry, dict) else None
+        if not (isinstance(accuracy, (int, float)) and 0 <= accuracy <= 1):
+            raise StageError(f"{path}: no test accuracy in 0..1 at {name}.accuracy; {RERUN_EVALUATE}")
+    return evaluation
+
+
+def read_predictions(path: Path, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(actual, predicted) label arrays from evaluate's CSV, one row per test image, each label in 0..9."""
+    try:
+        with warnings.catch_warnings():  # an empty file: refused below, not warned about
+            warnings.simplefilter("ignore", UserWarning)
+            data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found; run `dvc repro evaluate`") from None
+    except ValueError as exc:  # a value that is not an integer, a row without two columns
+        raise StageError(f"{path}: not a CSV of integer labels ({exc}); {RERUN_EVALUATE}") from None
+    if data.shape != (rows, 2) or not rows:
+        raise StageError(f"{path}: {len(data)} rows of {data.shape[1]} columns, expected {rows} rows (one per "
+                         f"test image) of 2 columns (actual,predicted); {RERUN_EVALUATE}")
+    outside = (data < 0) | (data >= N_CLASSES)
+    if outside.any():
+        row, column = np.argwhere(outside)[0]
+        raise StageError(f"{path}: label {data[row, column]} in row {row + 2} is outside 0..9; {RERUN_EVALUATE}")
     return data[:, 0], data[:, 1]
 
 
@@ -121,9 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("plots"))
     args = parser.parse_args(argv)
     params = load_section("plot")
-    evaluation = json.loads((args.metrics / "evaluate.json").read_text())
-    predictions = {n: read_predictions(args.metrics / "predictions" / f"{n}.csv") for n in TRAININGS}
+    evaluation = read_evaluation(args.metrics / "evaluate.json")
     images, _ = load_stored_split(args.data, "test")
+    predictions = {n: read_predictions(args.metrics / "predictions" / f"{n}.csv", len(images)) for n in TRAININGS}
     live_dirs = {"manual": args.metrics / "train", "skorch": args.metrics / "fit"}
 
     save_png(loss_curves(live_dirs), args.out / "loss_curves.png", params.dpi)

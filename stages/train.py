@@ -33,6 +33,7 @@ from mnist_dvc.data import load_split
 from mnist_dvc.model import (
     build_mlp,
     build_optimizer,
+    check_finite_loss,
     configure_torch,
     loss_and_accuracy,
     lr_scheduler,
@@ -200,6 +201,7 @@ def train(model_params, train_params, train_split, val_split, live=None):
             train_loss = step.epoch(torch.randperm(len(images), generator=generators["batches"]).to(device), desc)
         else:
             train_loss = train_epoch(model, optimizer, images, labels, train_params, generators, scheduler, desc)
+        check_finite_loss(train_loss, epoch)
         line = f"{desc}: train/loss {train_loss:.4f}"
         if live is not None:
             live.log_metric("train/loss", train_loss)

@@ -57,10 +57,12 @@ BAD_VALUES = [
     ("preprocess.val_size", "0.1", ["valid number"]),
     ("preprocess.seed", -1, ["greater than or equal to 0"]),
     ("preprocess.seed", 1.5, ["valid integer"]),
+    ("preprocess.seed", 2**32, ["less than or equal to 4294967295"]),
     # model
     ("model.hidden", [], ["at least 1 item"]),
     ("model.hidden", [128, 0], ["greater than or equal to 1"], "model.hidden[1] = 0"),
     ("model.hidden", [128, 1.5], ["valid integer"], "model.hidden[1] = 1.5"),
+    ("model.hidden", [128, 100_000_000], ["less than or equal to 65536"], "model.hidden[1] = 100000000"),
     ("model.hidden", 128, ["valid list"]),
     ("model.activation", "softmax", ["'relu', 'tanh', 'gelu' or 'sigmoid'"]),
     ("model.dropout", 1.0, ["less than 1"]),
@@ -87,6 +89,7 @@ BAD_VALUES = [
     ("train.augment.rotate", 90, ["less than or equal to 45"]),
     ("train.augment.rotate", -5, ["greater than or equal to 0"]),
     ("train.seed", -1, ["greater than or equal to 0"]),
+    ("train.seed", 2**64, ["less than or equal to 4294967295"]),  # torch: "Overflow when unpacking long long"
     ("train.threads", 0, ["greater than or equal to 1"]),
     ("train.threads", 257, ["less than or equal to 256"]),
     ("train.device", "tpu", ["'auto', 'cpu' or 'cuda'"]),
@@ -106,6 +109,7 @@ BAD_VALUES = [
     ("tune.n_jobs", 0, ["greater than or equal to 1"]),
     ("tune.batch_size", 0, ["greater than or equal to 1"]),
     ("tune.seed", -1, ["greater than or equal to 0"]),
+    ("tune.seed", 2**32, ["less than or equal to 4294967295"]),
     ("tune.grid", [0.001], ["valid dictionary"]),
     ("tune.grid.lr", [], ["at least 1 item"]),
     # Each item is checked with the bounds of the key it stands for, and named by its index.
@@ -117,6 +121,7 @@ BAD_VALUES = [
     ("tune.grid.hidden", [], ["at least 1 item"]),
     ("tune.grid.hidden", [[128], []], ["at least 1 item"], "tune.grid.hidden[1] = []"),
     ("tune.grid.hidden", [[128, 0]], ["greater than or equal to 1"], "tune.grid.hidden[0][1] = 0"),
+    ("tune.grid.hidden", [[65537]], ["less than or equal to 65536"], "tune.grid.hidden[0][0] = 65537"),
     ("tune.grid.max_epochs", [5, 0], ["greater than or equal to 1"], "tune.grid.max_epochs[1] = 0"),
     ("tune.grid.max_epochs", [], ["at least 1 item"]),
 ]
@@ -278,6 +283,20 @@ def test_missing_params_file_says_where_to_run_from(tmp_path):
     assert "not found" in message and "repository root" in message
 
 
+def test_params_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"train:\n  lr: 0.1 # caf\xe9\n")  # Latin-1
+    message = load_error(path, "train")
+    assert "\n" not in message
+    assert message.startswith(f"{path} is not valid UTF-8 (invalid continuation byte at byte 22)")
+
+
+def test_params_file_that_is_a_directory_is_one_line_naming_it(tmp_path):
+    (tmp_path / "params.yaml").mkdir()
+    message = load_error(tmp_path / "params.yaml", "train")
+    assert message == f"{tmp_path / 'params.yaml'} is a directory, not a file: put the YAML params file there"
+
+
 def test_valid_values_at_the_edges_are_accepted(tmp_path):
     params = copy.deepcopy(REPO_PARAMS)
     for key, value in [
@@ -289,6 +308,9 @@ def test_valid_values_at_the_edges_are_accepted(tmp_path):
         ("preprocess.val_size", 59999),
         ("model.dropout", 0.0),
         ("train.lr", 10),  # an int where a float is expected is fine
+        ("train.seed", 2**32 - 1),
+        ("preprocess.seed", 0),
+        ("model.hidden", [65_536, 1]),
     ]:
         set_key(params, key, value)
     path = write(tmp_path, params)

@@ -164,6 +164,47 @@ def test_a_split_file_holding_pickled_objects_is_refused_without_unpickling(tmp_
         load_split(tmp_path, "train")
 
 
+def good_split() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((20, 28, 28), np.uint8), np.arange(20, dtype=np.int64) % 10
+
+
+@pytest.mark.parametrize(("break_it", "message"), [
+    # Before these checks: IndexError in train/evaluate, or a long RuntimeError traceback.
+    (lambda i, l: (i, np.where(np.arange(20) == 3, 10, l)), r"test_labels\.npy: label 10 at index 3 is outside 0\.\.9"),
+    (lambda i, l: (i, np.where(np.arange(20) == 7, -1, l)), r"test_labels\.npy: label -1 at index 7 is outside 0\.\.9"),
+    (lambda i, l: (i, l[:15]), r"test_images\.npy has 20 images but \S*test_labels\.npy has 15 labels"),
+    (lambda i, l: (i[:, :27, :27], l),
+     r"test_images\.npy: uint8 array of shape \(20, 27, 27\), expected uint8 N x 28 x 28"),
+    (lambda i, l: (i.reshape(20, 784), l), r"test_images\.npy: uint8 array of shape \(20, 784\)"),
+    (lambda i, l: (i.astype(np.float32), l),
+     r"test_images\.npy: float32 array of shape \(20, 28, 28\), expected uint8"),
+    (lambda i, l: (i, l.astype(np.float64)), r"test_labels\.npy: float64 array of shape \(20,\), expected integer"),
+    (lambda i, l: (i, l.reshape(20, 1)), r"test_labels\.npy: int64 array of shape \(20, 1\), expected integer"),
+], ids=["label-10", "label-minus-1", "labels-short", "images-27x27", "images-flat", "images-float", "labels-float",
+        "labels-2d"])
+def test_a_split_with_wrong_dtype_shape_length_or_labels_is_one_line_saying_to_rerun_preprocess(
+        tmp_path, break_it, message):
+    images, labels = break_it(*good_split())
+    images_path, labels_path = split_paths(tmp_path, "test")
+    np.save(images_path, images)
+    np.save(labels_path, labels)
+    with pytest.raises(StageError, match=message) as info:
+        load_split(tmp_path, "test")
+    assert "\n" not in str(info.value)
+    assert str(info.value).endswith("; rerun the preprocess stage (`dvc repro preprocess`)")
+
+
+def test_a_split_with_other_integer_labels_loads_as_int64(tmp_path):
+    images, labels = good_split()
+    images_path, labels_path = split_paths(tmp_path, "val")
+    np.save(images_path, images)
+    np.save(labels_path, labels.astype(">i4"))
+    assert torch.equal(load_split(tmp_path, "val")[1], torch.from_numpy(labels))
+    np.save(images_path, images[:0])  # an empty split (preprocess.val_size: 0) is fine
+    np.save(labels_path, labels[:0])
+    assert load_split(tmp_path, "val")[0].shape == (0, 28, 28)
+
+
 @pytest.mark.parametrize("val_size", [5, 1499])
 def test_val_size_that_cannot_be_split_stratified_is_a_clear_error(project, val_size):
     # 5 < 10 classes; 1499 leaves a 1-image train set: neither can be stratified.

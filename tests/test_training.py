@@ -10,11 +10,13 @@ from torch import nn
 
 from pathlib import Path
 
-from conftest import sections_with
+from conftest import REPO, sections_with
 from mnist_dvc.data import load_split
-from mnist_dvc.model import MLP, build_mlp, load_mlp, loss_and_accuracy, predict_logits
+from mnist_dvc.model import MLP, build_mlp, load_mlp, load_trained, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
 from mnist_dvc.skorch_net import build_net, load_net
+from mnist_dvc.stage import StageError
+from stages import evaluate as evaluate_stage
 from stages import fit as fit_stage
 from stages import train as train_stage
 
@@ -56,6 +58,17 @@ def test_skorch_fit_has_a_finite_loss_and_learns(prepared):
     losses = net.history[:, "train_loss"]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert net.history[-1, "valid_acc"] > 0.8
+
+
+@pytest.mark.parametrize("training", ["train", "fit"])
+def test_a_loss_that_becomes_nan_ends_the_training_with_one_line(prepared, training):
+    # A NaN pixel stands for any way training can diverge: the loss is NaN from the first batch on.
+    (images, labels), val_split = splits(prepared)
+    images = images.clone()
+    images[5, 3, 3] = float("nan")
+    run = train_stage.train if training == "train" else fit_stage.fit
+    with pytest.raises(StageError, match=r"^training diverged: train/loss is nan after epoch 1; lower train\.lr"):
+        run(load_section("model"), load_section("train"), (images, labels), val_split)
 
 
 def test_skorch_default_nllloss_on_logits_is_not_a_valid_loss(prepared):
@@ -178,3 +191,62 @@ def test_saved_models_reload_with_weights_only_and_predict_identically(prepared)
     assert torch.equal(skorch_logits, predict_logits(load_mlp(model_params, skorch_path), test_images, 100))
     assert torch.equal(skorch_logits, loop_logits)  # both trainings learnt the same weights
     assert (net.predict(test_images) == loop_logits.argmax(1).numpy()).all()
+
+
+def model_128():
+    return sections_with({"model": {"hidden": [128]}}, REPO / "params.yaml")[0]
+
+
+def good_state() -> dict[str, torch.Tensor]:
+    return build_mlp(model_128(), seed=0).state_dict()
+
+
+# (what the file holds, the reason the one-line error gives)
+BAD_STATES = {
+    # Before these checks: "TypeError: Expected state_dict to be dict-like" with a traceback.
+    "tensor": (lambda: torch.zeros(3), "the file does not hold a state dict but Tensor"),
+    "none": (lambda: None, "the file does not hold a state dict but None"),
+    "list": (lambda: list(good_state().values()), "the file does not hold a state dict but list"),
+    "int-value": (lambda: {**good_state(), "layers.1.bias": 3}, "'layers.1.bias' is int, not a tensor"),
+    # Accepted silently before: truncated weights, NaN metrics and answers.
+    "int64": (lambda: {k: v.long() for k, v in good_state().items()},
+              "layers.1.weight is torch.int64, not floating point"),
+    "nan": (lambda: {**good_state(), "layers.3.bias": torch.full((10,), float("nan"))},
+            "layers.3.bias holds NaN or infinite values"),
+    "inf": (lambda: {**good_state(), "layers.1.weight": good_state()["layers.1.weight"] / 0},
+            "layers.1.weight holds NaN or infinite values"),
+    # load_state_dict's own error: its header and the first specific reason, on one line.
+    "other-hidden": (lambda: MLP([64]).state_dict(),
+                     "Error(s) in loading state_dict for MLP: size mismatch for layers.1.weight: copying a param "
+                     "with shape torch.Size([64, 784]) from checkpoint, the shape in current model is "
+                     "torch.Size([128, 784]) (rerun the train stage)"),
+    "missing-key": (lambda: {k: v for k, v in good_state().items() if k != "layers.3.bias"},
+                    'Error(s) in loading state_dict for MLP: Missing key(s) in state_dict: "layers.3.bias" (rerun'),
+    "unexpected-key": (lambda: {**good_state(), "extra": torch.zeros(1)},
+                       'Error(s) in loading state_dict for MLP: Unexpected key(s) in state_dict: "extra" (rerun'),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_STATES)
+def test_a_model_file_that_is_not_a_finite_float_state_dict_is_refused_in_one_line(tmp_path, bad):
+    make, reason = BAD_STATES[bad]
+    path = tmp_path / "mlp.pt"
+    torch.save(make(), path)
+    with pytest.raises(StageError) as info:
+        load_trained("manual", model_128(), path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: refused to load as manual model weights: ")
+    assert reason in message and message.endswith(" (rerun the train stage)")
+
+
+def test_evaluate_refuses_nan_weights_before_writing_any_metric(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "models").mkdir()
+    torch.save(good_state(), tmp_path / "models/mlp.pt")
+    torch.save({k: v * float("nan") for k, v in good_state().items()}, tmp_path / "models/skorch_params.pt")
+    with pytest.raises(StageError, match=r"^models/skorch_params\.pt: refused to load as skorch model weights: "
+                                         r"layers\.1\.weight holds NaN or infinite values \(rerun the fit stage\)$"):
+        evaluate_stage.main([])
+    assert not (tmp_path / "metrics").exists()

@@ -1,0 +1,80 @@
+"""plot: its inputs from evaluate are checked before any picture is drawn.
+
+A small fixture (20 test images, hand-written metrics) in a temporary folder;
+the stage runs in-process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from mnist_dvc.data import save_split
+from mnist_dvc.stage import StageError, write_csv
+from stages import plot
+
+N_TEST = 20
+EVALUATION = {name: {"accuracy": 0.9, "loss": 0.3, "macro_f1": 0.9} for name in ("manual", "skorch")}
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch) -> Path:
+    """A cwd with params.yaml, a test split, evaluate.json and both predictions CSVs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    labels = np.arange(N_TEST) % 10
+    save_split(tmp_path / "data/processed", "test", np.zeros((N_TEST, 28, 28), np.uint8), labels)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/evaluate.json").write_text(json.dumps(EVALUATION))
+    for name in ("manual", "skorch"):
+        write_csv(tmp_path / f"metrics/predictions/{name}.csv", ["actual", "predicted"],
+                  zip(labels.tolist(), (labels[::-1]).tolist()))
+    return tmp_path
+
+
+def run_plot(folder: Path) -> None:
+    plot.main(["--data", str(folder / "data/processed"), "--metrics", str(folder / "metrics"),
+               "--out", str(folder / "plots")])
+
+
+def test_good_inputs_are_plotted(folder):
+    run_plot(folder)
+    assert sorted(p.name for p in (folder / "plots").iterdir()) == [
+        "accuracy.png", "confusion_matrices.png", "loss_curves.png", "misclassified.png"]
+
+
+CSV_ROWS = "".join(f"{i % 10},{i % 10}\n" for i in range(N_TEST))
+BAD_INPUTS = {
+    # Before these checks: a JSONDecodeError or numpy traceback, or a silently wrong picture.
+    "json-truncated": ("evaluate.json", json.dumps(EVALUATION)[:30], r"evaluate\.json: not valid JSON \(Unterminated"),
+    "json-no-accuracy": ("evaluate.json", json.dumps({"manual": {}, "skorch": {}}),
+                         r"evaluate\.json: no test accuracy in 0\.\.1 at manual\.accuracy"),
+    "csv-header-only": ("predictions/manual.csv", "actual,predicted\n",
+                        r"manual\.csv: 0 rows of 1 columns, expected 20 rows \(one per test image\) of 2 columns"),
+    "csv-abc": ("predictions/skorch.csv", "actual,predicted\n" + CSV_ROWS.replace("3,3", "3,abc"),
+                r"skorch\.csv: not a CSV of integer labels \(.*abc"),
+    "csv-12": ("predictions/manual.csv", "actual,predicted\n" + CSV_ROWS.replace("4,4", "4,12", 1),
+               r"manual\.csv: label 12 in row 6 is outside 0\.\.9"),
+    "csv-minus-1": ("predictions/manual.csv", "actual,predicted\n" + CSV_ROWS.replace("0,0", "-1,0", 1),
+                    r"manual\.csv: label -1 in row 2 is outside 0\.\.9"),
+    "csv-truncated-row": ("predictions/skorch.csv", "actual,predicted\n" + CSV_ROWS[:-3],
+                          r"skorch\.csv: not a CSV of integer labels"),
+    "csv-truncated-lines": ("predictions/skorch.csv", "actual,predicted\n" + CSV_ROWS[:40],
+                            r"skorch\.csv: 10 rows of 2 columns, expected 20 rows"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
+def test_a_bad_evaluate_output_is_one_line_saying_to_rerun_evaluate_and_nothing_is_drawn(folder, bad):
+    file, text, message = BAD_INPUTS[bad]
+    (folder / "metrics" / file).write_text(text)
+    with pytest.raises(StageError, match=message) as info:
+        run_plot(folder)
+    assert "\n" not in str(info.value)
+    assert str(info.value).startswith(str(folder / "metrics" / file))
+    assert str(info.value).endswith("; rerun `dvc repro evaluate`")
+    assert not (folder / "plots").exists()
