@@ -10,6 +10,8 @@ passes each one's encoded bytes through ``mnist_dvc.images.to_mnist``, as the
 - photo:   pen strokes (hand-made polyline templates, or a font's outline) in
   dark blue or black ink on off-white paper, with paper texture, a lighting
   gradient, blur and a small rotation, 1200x900, as JPEG;
+- lined:   60 more such photos on ruled notebook paper (pale blue lines
+  every 45-75 px, half of them with a red margin line), as JPEG;
 - canvas:  strokes with round joins and caps, 10-28 px wide, on a 280x280
   transparent RGBA canvas (what an HTML canvas's ``toBlob()`` gives), a
   quarter of them white on a canvas filled black, as PNG.
@@ -45,7 +47,7 @@ from mnist_dvc.images import ImageError, to_mnist  # noqa: E402
 from mnist_dvc.inference import MODELS, Predictor  # noqa: E402
 from mnist_dvc.stage import StageError  # noqa: E402
 
-CATEGORIES = ("typeset", "photo", "canvas")
+CATEGORIES = ("typeset", "photo", "canvas", "lined")
 MPL_FONTS = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
              "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
              "DejaVuSerif-Italic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
@@ -174,16 +176,37 @@ def typeset(rng: np.random.Generator) -> list[tuple[str, int, bytes]]:
     return out
 
 
-def paper_photo(mask: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """``mask`` (ink = 255) as ink on a photographed sheet: texture, lighting, blur, rotation."""
-    mask = mask.rotate(rng.uniform(-8, 8), resample=Image.BICUBIC)
-    mask = mask.filter(ImageFilter.GaussianBlur(rng.uniform(0.8, 2.5)))
+def ruling(size: tuple[int, int], rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """A notebook's ruled lines (mask 255), every 45-75 px, 2-4 px wide; and a margin line, or none."""
+    w, h = size
+    lines, margin = Image.new("L", size, 0), Image.new("L", size, 0)
+    spacing, width = rng.uniform(45, 75), int(rng.integers(2, 5))
+    for y in np.arange(rng.uniform(0, spacing), h, spacing):
+        ImageDraw.Draw(lines).line([(0, y), (w, y)], fill=255, width=width)
+    if rng.random() < 0.5:
+        x = rng.uniform(0.05, 0.2) * w
+        ImageDraw.Draw(margin).line([(x, 0), (x, h)], fill=255, width=width)
+    return lines, margin
+
+
+def paper_photo(mask: Image.Image, rng: np.random.Generator, ruled: bool = False) -> Image.Image:
+    """``mask`` (ink = 255) as ink on a photographed sheet: texture, lighting, blur, rotation;
+    on ruled notebook paper (pale blue lines, a red margin line or none) if ``ruled``."""
+    layers = [mask, *(ruling(mask.size, rng) if ruled else ())]
+    angle, blur = rng.uniform(-8, 8), rng.uniform(0.8, 2.5)
+    layers = [layer.rotate(angle, resample=Image.BICUBIC).filter(ImageFilter.GaussianBlur(blur))
+              for layer in layers]
+    mask = layers[0]
     w, h = mask.size
     m = np.asarray(mask, dtype=np.float32)[..., None] / 255
     paper = np.array([rng.uniform(225, 250), rng.uniform(220, 245), rng.uniform(200, 235)], np.float32)
     ink = np.array([25, 30, 35], np.float32) if rng.random() < 0.5 else np.array([30, 45, 120], np.float32)
     ink = ink * rng.uniform(0.8, 1.6)
-    img = paper * (1 - m) + ink * m
+    img = np.broadcast_to(paper, (h, w, 3))
+    for layer, colour in zip(layers[1:], ([120, 160, 225], [225, 110, 110])):  # blue rules, red margin
+        line = np.asarray(layer, dtype=np.float32)[..., None] / 255
+        img = img * (1 - line) + np.array(colour, np.float32) * line
+    img = img * (1 - m) + ink * m
     # Lighting: a linear gradient in a random direction, and a vignette.
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     theta = rng.uniform(0, 2 * math.pi)
@@ -199,11 +222,12 @@ def paper_photo(mask: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
-def photo(rng: np.random.Generator) -> list[tuple[str, int, bytes]]:
+def photo(rng: np.random.Generator, count: int = 120, ruled: bool = False) -> list[tuple[str, int, bytes]]:
     out = []
     font_list = fonts()
     size = (1200, 900)
-    for i in range(120):
+    kind = "lined" if ruled else "photo"
+    for i in range(count):
         digit = i % 10
         height = rng.uniform(250, 700)
         if i % 3 == 0:  # a font's outline, thickened like a felt pen
@@ -213,8 +237,8 @@ def photo(rng: np.random.Generator) -> list[tuple[str, int, bytes]]:
         else:
             width = height * rng.uniform(0.04, 0.12)
             mask = draw_strokes(jittered_strokes(digit, rng), size, height, width, rng, supersample=2)
-        img = paper_photo(mask, rng)
-        out.append((f"photo-{i:03d}-{digit}", digit, encode(img, "JPEG", quality=int(rng.integers(70, 92)))))
+        img = paper_photo(mask, rng, ruled)
+        out.append((f"{kind}-{i:03d}-{digit}", digit, encode(img, "JPEG", quality=int(rng.integers(70, 92)))))
     return out
 
 
@@ -291,7 +315,8 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
-    pictures = {"typeset": typeset(rng), "photo": photo(rng), "canvas": canvas(rng)}
+    pictures = {"typeset": typeset(rng), "photo": photo(rng), "canvas": canvas(rng),
+                "lined": photo(rng, count=60, ruled=True)}
     made = time.perf_counter() - start
     if args.out:
         for category, items in pictures.items():

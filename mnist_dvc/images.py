@@ -10,19 +10,22 @@ typeset digit:
    orientation applied); large pictures are first shrunk cheaply (JPEG DCT
    scaling, ``Image.reduce``) to at most ``WORK_SIDE`` px on the long side;
 2. greyscale in [0, 1]: transparency is paper (composited onto white, or onto
-   black when every visible pixel is light, i.e. light strokes on a
+   black when most visible pixels are light, i.e. light strokes on a
    transparent canvas); 16/32-bit and float pictures are scaled by their own
    range;
 3. polarity from the background: the background level is the median of a
-   border band; the ink is whichever side of it (darker or lighter) carries
-   more contrast, and dark ink is inverted to light;
+   border band (or of the whole picture, when a frame or a desk all around
+   is unlike most of it); the ink is whichever side of it (darker or
+   lighter) carries more contrast, and dark ink is inverted to light;
 4. background removal: a smooth (quadratic) surface fitted to the background
    pixels absorbs uneven lighting; the noise level comes from the residual
    background; everything below ``max(4 sigma, 10% of the ink peak)`` is
    zeroed, and connected components with less than ``MIN_PART`` of the
    largest component's ink are dropped (specks, dust), so they do not widen
    the bounding box; so is anything lying along the picture's edge (the table
-   beside the sheet, a shadow) when there is a digit elsewhere;
+   beside the sheet, a shadow) when there is a digit elsewhere; lines much
+   thinner than the digit's strokes that run across the picture (ruled or
+   squared paper, a margin, a box printed around the digit) are removed;
 5. very thin strokes (a fine pen photographed at high resolution, a 1-px
    line) are thickened to a typical MNIST stroke width relative to the
    digit's size, since they would otherwise fade to a faint grey at 20 px;
@@ -61,6 +64,9 @@ BOX = 20  # the longer side of the ink's bounding box in the output
 CENTRE = (14.0, 14.0)  # where the ink's centre of mass goes (row, column), as in MNIST
 MIN_PART = 0.05  # a connected component is kept if its ink is >= this fraction of the largest's
 EDGE_CONTACT = 0.15  # a component on more than this fraction of the picture's edge is background
+FRAME_PAPER = 0.6  # a border unlike this fraction of the picture (or more) is a frame, not the paper
+LINE_SPAN = 0.9  # ink across this fraction of the picture's width or height may be ruled lines ...
+LINE_BOX = 0.5  # ... and they are dropped if that shrinks the ink's box to this fraction of its area
 # Strokes thinner than MIN_STROKE of the digit's longer side (MNIST's thinnest are ~0.10)
 # are thickened to STROKE (a typical MNIST stroke: ~2.4 px of 20).
 MIN_STROKE = 0.09
@@ -205,10 +211,10 @@ def _greyscale(img: Image.Image) -> np.ndarray:
         img = _shrink(img)
         alpha = np.asarray(img.getchannel("A"))
         luma = np.asarray(img.convert("L"))
-        visible = alpha >= 128
-        # Paper is white, unless every visible pixel is light (white strokes on a
-        # transparent canvas), where a white background would hide the drawing.
-        if visible.any() and luma[visible].min() > 190:
+        visible = alpha > 0
+        # Paper is white, unless the visible pixels are mostly light (white strokes on a
+        # transparent canvas, however faint), where a white background would hide the drawing.
+        if visible.any() and np.median(luma[visible]) > 190:
             return (luma.astype(np.uint16) * alpha).astype(np.float32) * np.float32(1 / 65025)
         ink = (255 - luma).astype(np.uint16) * alpha
         return np.float32(1) - ink.astype(np.float32) * np.float32(1 / 65025)
@@ -256,6 +262,11 @@ def _background(grey: np.ndarray) -> tuple[np.ndarray | np.float32, float]:
     edge = _edge_mask(sample.shape)
     border = sample[edge]
     level = np.median(border)
+    # A frame or a desk all around the sheet: the border is not the paper, most of the picture is.
+    overall = np.median(sample)
+    near = np.abs(sample - overall) <= 0.1
+    if abs(level - overall) > 0.3 and near.mean() >= FRAME_PAPER and not near[edge].any():
+        return np.float32(overall), _mad(sample[near])
     # The paper on the border: ink that touches the edge is an outlier there.
     paper = np.abs(border - level) <= max(3 * _mad(border), 0.02)
     if np.ptp(border[paper]) < 0.02 or min(h, w) < 32:  # flat paper (drawings, typeset), or too small to fit
@@ -311,15 +322,18 @@ def _strokes(ink: np.ndarray, sigma: float) -> np.ndarray:
     labels, count = ndimage.label(mask, structure=_EIGHT)
     if count == 0:
         raise _blank()
+    sheet = _along_the_edge(labels, count)
+    lined = _without_thin_lines(mask, sheet[labels])
+    if lined is not mask:
+        mask = lined
+        labels, count = ndimage.label(mask, structure=_EIGHT)
+        sheet = _along_the_edge(labels, count)
     ink_labels = labels[mask]
     mass = np.bincount(ink_labels, weights=ink[mask], minlength=count + 1)
     area = np.bincount(ink_labels, minlength=count + 1)
     min_area = max(4, 1e-4 * ink.size)
     # Something lying along the picture's edge (the table beside the sheet, a
     # shadow) is not the digit, when there is a digit-sized component elsewhere.
-    frame = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
-    sheet = np.bincount(frame, minlength=count + 1) > EDGE_CONTACT * frame.size
-    sheet[0] = False
     if sheet.any() and (area[~sheet] >= min_area).any():
         mass[sheet] = 0
     biggest = int(np.argmax(mass))
@@ -337,6 +351,48 @@ def _strokes(ink: np.ndarray, sigma: float) -> np.ndarray:
     strokes = np.clip((ink - floor) * np.float32(1 / max(level - floor, 1e-6)), 0, 1)
     strokes[~kept] = 0
     return strokes
+
+
+def _along_the_edge(labels: np.ndarray, count: int) -> np.ndarray:
+    """For each component label: whether it covers more than EDGE_CONTACT of the picture's edge."""
+    frame = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    sheet = np.bincount(frame, minlength=count + 1) > EDGE_CONTACT * frame.size
+    sheet[0] = False
+    return sheet
+
+
+def _box_area(mask: np.ndarray) -> int:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)) if rows.size else 0
+
+
+def _without_thin_lines(mask: np.ndarray, along_edge: np.ndarray) -> np.ndarray:
+    """``mask`` without lines much thinner than the digit's strokes that run across the picture:
+    ruled or squared paper, a margin line, a box printed around the digit on a form.
+
+    Such lines join the digit into one component as wide as the picture, and
+    the digit would end up a small part of its crop. When the ink spans at
+    least LINE_SPAN of the picture's width or height, the mask is opened
+    (eroded, then dilated back) by a disk of half the thickest strokes'
+    half-width: lines thinner than that vanish, the digit's strokes keep
+    their shape. The result is used only if the ink's bounding box shrank
+    to at most LINE_BOX of what it was (the lines made it big); otherwise
+    (a tightly cropped digit, thin strokes everywhere) ``mask`` is kept.
+    Ink lying ``along_edge`` (a table, a shadow: see ``_strokes``) takes no
+    part in the decision.
+    """
+    inner = mask & ~along_edge
+    if not inner.any() or max(inner.any(axis=0).mean(), inner.any(axis=1).mean()) < LINE_SPAN:
+        return mask
+    depth = ndimage.distance_transform_edt(mask)  # distance to the nearest pixel without ink
+    radius = float(np.percentile(depth[inner], 95)) / 2
+    if radius < 1.5:  # strokes of a few pixels: too thin to tell lines from strokes
+        return mask
+    core = depth > radius
+    opened = mask & (ndimage.distance_transform_edt(~core) <= radius + 1)
+    if not (opened & ~along_edge).any() or _box_area(opened & ~along_edge) > LINE_BOX * _box_area(inner):
+        return mask
+    return opened
 
 
 def _stroke_width(mask: np.ndarray) -> float:

@@ -312,6 +312,67 @@ def test_white_strokes_on_a_transparent_canvas():
     np.testing.assert_allclose(to_mnist(encode(canvas)), to_mnist(encode(black)), atol=1e-6)
 
 
+def seven(size=(400, 400), width=18, ink=(20, 20, 40), paper=(250, 250, 245)) -> Image.Image:
+    """A pen "7" in the middle of a sheet."""
+    img = Image.new("RGB", size, paper)
+    w, h = size
+    ImageDraw.Draw(img).line([(0.38 * w, 0.3 * h), (0.62 * w, 0.3 * h), (0.45 * w, 0.72 * h)], fill=ink, width=width)
+    return img
+
+
+@pytest.mark.parametrize("paper", ["ruled", "ruled, tilted", "squared", "a box around it"])
+def test_thin_lines_across_the_paper_are_not_the_digit(paper):
+    """Ruled or squared paper, a margin, a form's box: thin lines join the digit, and it came out tiny."""
+    clean = seven()
+    expected = to_mnist(encode(clean))
+    img = clean.copy()
+    draw = ImageDraw.Draw(img)
+    blue, red = (120, 160, 230), (230, 100, 100)
+    if paper.startswith("ruled"):
+        tilt = 12 if "tilted" in paper else 0  # a photo is rarely square to the lines
+        for y in range(20, 400, 30):
+            draw.line([(0, y), (400, y + tilt)], fill=blue, width=2)
+        draw.line([(60, 0), (60 + tilt // 3, 400)], fill=red, width=2)
+    elif paper == "squared":
+        for k in range(10, 400, 25):
+            draw.line([(0, k), (400, k)], fill=blue, width=1)
+            draw.line([(k, 0), (k, 400)], fill=blue, width=1)
+    else:
+        draw.rectangle((12, 12, 387, 387), outline=(0, 0, 0), width=5)
+    img.paste(clean.crop((130, 100, 270, 300)), (130, 100))  # the ink lies over the lines
+    assert correlation(to_mnist(encode(img)), expected) > 0.9
+
+
+def test_a_tightly_cropped_digit_keeps_its_full_width_bar():
+    """A "7" cropped to its ink: the bar spans the picture like a ruled line, but is a stroke."""
+    img = seven()
+    crop = img.crop((148, 110, 252, 292))  # the bar touches both sides
+    image = to_mnist(encode(crop))
+    assert image[4:9].max(axis=0).astype(bool).sum() >= 8  # the bar is there, across the top
+    assert correlation(image, to_mnist(encode(img))) > 0.95
+
+
+def test_a_dark_frame_all_around_is_not_the_paper():
+    """A thick black frame (a photo's dark surround, a bordered card) filled the border band."""
+    img = seven(size=(300, 300)).convert("L")
+    expected = to_mnist(encode(img))
+    ImageDraw.Draw(img).rectangle((0, 0, 299, 299), outline=0, width=15)
+    assert correlation(to_mnist(encode(img)), expected) > 0.95
+
+
+def test_faint_white_strokes_on_a_transparent_canvas_and_a_dark_speck():
+    black = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+    ImageDraw.Draw(black).line([(90, 60), (190, 60), (120, 220)], fill=(0, 0, 0, 255), width=18)
+    expected = to_mnist(encode(black))
+    for alpha, speck in [(100, False), (255, True)]:
+        canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(canvas)
+        draw.line([(90, 60), (190, 60), (120, 220)], fill=(255, 255, 255, alpha), width=18)
+        if speck:
+            draw.rectangle((30, 240, 31, 241), fill=(0, 0, 0, 255))  # a dark 2x2 dot
+        assert correlation(to_mnist(encode(canvas)), expected) > 0.95, (alpha, speck)
+
+
 @pytest.mark.parametrize("fmt, mode, kwargs", [
     ("GIF", "P", {}), ("BMP", "RGB", {}), ("WEBP", "RGB", {"lossless": True}), ("WEBP", "RGBA", {"quality": 80}),
     ("TIFF", "CMYK", {}), ("JPEG", "CMYK", {}), ("TIFF", "YCbCr", {}), ("TIFF", "LAB", {}), ("TIFF", "F", {}),
