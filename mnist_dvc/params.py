@@ -200,6 +200,8 @@ def load_section(section: str, path: Path | str = PARAMS_FILE) -> Section:
         raise StageError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
     except YAMLError as exc:
         raise StageError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    except ValueError as exc:  # a value YAML cannot convert, e.g. an integer of over 4,300 digits
+        raise StageError(f"{path}: a value cannot be read: {str(exc).split(';')[0]}") from None
     if not isinstance(document, dict) or section not in document:
         raise StageError(f"{path}: section '{section}' is missing")
     model = SECTIONS[section]

@@ -291,6 +291,13 @@ def test_params_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path):
     assert message.startswith(f"{path} is not valid UTF-8 (invalid continuation byte at byte 22)")
 
 
+def test_an_integer_too_long_to_read_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  seed: " + "9" * 5000 + "\n")
+    assert load_error(path, "train") == (f"{path}: a value cannot be read: Exceeds the limit (4300 digits) "
+                                         f"for integer string conversion: value has 5000 digits")
+
+
 def test_params_file_that_is_a_directory_is_one_line_naming_it(tmp_path):
     (tmp_path / "params.yaml").mkdir()
     message = load_error(tmp_path / "params.yaml", "train")
