@@ -58,21 +58,18 @@ def input_name(index: int, count: int, path: str) -> str:
     return f"{index + 1:0{len(str(count))}d}-{stem}.png"
 
 
-def input_folder(folder: Path) -> Path:
-    """``--save-input``'s folder, created now; a UsageError if it cannot be (before any work)."""
+def writable_folder(value: str) -> Path:
+    """argparse ``type`` of ``--save-input``: the folder, created now, before any work (exit 2 if it cannot be)."""
+    folder = Path(value)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise UsageError(f"--save-input: {folder} exists and is not a folder") from None
+        raise argparse.ArgumentTypeError(f"{folder} exists and is not a folder") from None
     except OSError as exc:
-        raise UsageError(f"--save-input: cannot create the folder {folder}: {exc.strerror or exc}") from None
+        raise argparse.ArgumentTypeError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"--save-input: cannot write in the folder {folder}: permission denied")
+        raise argparse.ArgumentTypeError(f"cannot write in the folder {folder}: permission denied")
     return folder
-
-
-class UsageError(Exception):
-    """A wrong command line: one line on stderr, exit status 2."""
 
 
 def save_inputs(folder: Path, inputs: dict[int, np.ndarray], paths: list[str]) -> list[str]:
@@ -112,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_dvc.predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="picture files (PNG, JPEG, GIF, BMP, WebP, TIFF...)")
     parser.add_argument("--json", action="store_true", help="print one JSON array instead of one line per picture")
-    parser.add_argument("--save-input", type=Path, metavar="DIR", help="write the 28x28 input each picture became")
+    parser.add_argument("--save-input", type=writable_folder, metavar="DIR",
+                        help="write the 28x28 input each picture became")
     parser.add_argument("--onnx", action="store_true", help="use models/*.onnx with ONNX Runtime instead of PyTorch")
     parser.add_argument("--models-root", type=Path, default=Path("."), metavar="DIR",
                         help="the project folder holding models/ and params.yaml (default: the current one)")
@@ -122,16 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        folder = input_folder(args.save_input) if args.save_input else None
-    except UsageError as exc:
-        parser.error(str(exc))  # exit status 2
-    try:
         predictor = Predictor(args.models_root, onnx=args.onnx)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     answers, inputs = classify(args.images, predictor)
-    failed = save_inputs(folder, inputs, args.images) if folder else []
+    failed = save_inputs(args.save_input, inputs, args.images) if args.save_input else []
     try:
         if args.json:
             print(json.dumps(answers, indent=2))

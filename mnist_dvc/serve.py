@@ -68,7 +68,6 @@ LINGER_IDLE = 0.5  # ... and no longer than this after the client goes quiet
 # stalls mid-upload (a phone off Wi-Fi, or on purpose) must not hold a connection for good.
 BODY_IDLE_SECONDS = 10.0  # the longest pause between two pieces of a body
 BODY_SECONDS = 60.0  # the longest a whole body may take (2 MB at 33 kB/s)
-FIELD_LIMIT = 64 * 1024  # a multipart field that is not a file (Starlette's max_part_size)
 FILE_FIELD = "file"
 RAW_TYPES = ("image/", "application/octet-stream")
 NAMES = {"manual": "explicit PyTorch loop", "skorch": "skorch NeuralNetClassifier"}
@@ -227,32 +226,22 @@ class Static(StaticFiles):
 async def image_bytes(request: Request) -> bytes:
     """The picture's bytes: the raw body, or the form's ``file`` field. Raises HTTPException."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type and content_type != "multipart/form-data" and not content_type.startswith(RAW_TYPES):
-        raise HTTPException(415, f"unsupported content type {content_type!r}: send the picture as the "
-                                 f"request body with Content-Type image/png, image/jpeg, ... or "
-                                 f"application/octet-stream, or as a multipart form field named {FILE_FIELD!r}")
-    try:
-        if content_type != "multipart/form-data":
-            return await request.body()
-        try:
-            async with request.form(max_files=1, max_fields=8, max_part_size=FIELD_LIMIT) as form:
-                upload = form.get(FILE_FIELD)
-                if upload is None:
-                    raise HTTPException(400, f"the form has no file field named {FILE_FIELD!r}")
-                if not isinstance(upload, UploadFile):
-                    raise HTTPException(400, f"the form field {FILE_FIELD!r} holds text, not a file: "
-                                             f"upload the picture as a file (a part with a filename)")
-                return await upload.read()
-        except HTTPException as exc:
-            if str(exc.detail).startswith("Part exceeded maximum size"):  # Starlette's words
-                raise HTTPException(400, f"a form field that is not a file is over {FIELD_LIMIT // 1024} KB: "
-                                         f"upload the picture as a file field named {FILE_FIELD!r} "
-                                         f"(a part with a filename), or as the request body") from None
-            raise
-    except ClientDisconnect:
-        # The client went away mid-upload: nobody reads this answer; it only keeps the
-        # disconnect out of the server's log as an "Exception in ASGI application".
-        raise HTTPException(400, "the upload was cut off before its end") from None
+    if content_type != "multipart/form-data":
+        if content_type and not content_type.startswith(RAW_TYPES):
+            raise HTTPException(415, f"unsupported content type {content_type!r}: send the picture as the "
+                                     f"request body with Content-Type image/png, image/jpeg, ... or "
+                                     f"application/octet-stream, or as a multipart form field named {FILE_FIELD!r}")
+        return await request.body()
+    # A part without a filename is a text field: up to the whole body's limit, so that a
+    # picture sent that way is answered for what it is, not for its size.
+    async with request.form(max_files=1, max_fields=8, max_part_size=MAX_BODY) as form:
+        upload = form.get(FILE_FIELD)
+        if upload is None:
+            raise HTTPException(400, f"the form has no file field named {FILE_FIELD!r}")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(400, f"the form field {FILE_FIELD!r} holds text, not a file: "
+                                     f"upload the picture as a file (a part with a filename)")
+        return await upload.read()
 
 
 def create_app(predictor: Predictor) -> BodyLimit:
@@ -302,7 +291,12 @@ def create_app(predictor: Predictor) -> BodyLimit:
     @app.post("/api/predict")
     async def predict(request: Request) -> Response:
         """Both models' answers for one picture: raw body (image/*) or multipart field ``file``."""
-        data = await image_bytes(request)
+        try:
+            data = await image_bytes(request)
+        except ClientDisconnect:
+            # The client went away mid-upload: nobody reads this answer; it only keeps the
+            # disconnect out of the server's log as an "Exception in ASGI application".
+            return error(400, "the upload was cut off before its end")
         try:
             image = to_mnist(data)
         except ImageError as exc:
