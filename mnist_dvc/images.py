@@ -323,7 +323,7 @@ def _strokes(ink: np.ndarray, sigma: float) -> np.ndarray:
     if count == 0:
         raise _blank()
     sheet = _along_the_edge(labels, count)
-    lined = _without_thin_lines(mask, sheet[labels])
+    lined = _without_thin_lines(mask, labels, sheet)
     if lined is not mask:
         mask = lined
         labels, count = ndimage.label(mask, structure=_EIGHT)
@@ -366,7 +366,12 @@ def _box_area(mask: np.ndarray) -> int:
     return int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)) if rows.size else 0
 
 
-def _without_thin_lines(mask: np.ndarray, along_edge: np.ndarray) -> np.ndarray:
+def _span(mask: np.ndarray) -> float:
+    """The larger of the fractions of the picture's columns and rows that hold ink."""
+    return max(mask.any(axis=0).mean(), mask.any(axis=1).mean())
+
+
+def _without_thin_lines(mask: np.ndarray, labels: np.ndarray, sheet: np.ndarray) -> np.ndarray:
     """``mask`` without lines much thinner than the digit's strokes that run across the picture:
     ruled or squared paper, a margin line, a box printed around the digit on a form.
 
@@ -378,11 +383,14 @@ def _without_thin_lines(mask: np.ndarray, along_edge: np.ndarray) -> np.ndarray:
     their shape. The result is used only if the ink's bounding box shrank
     to at most LINE_BOX of what it was (the lines made it big); otherwise
     (a tightly cropped digit, thin strokes everywhere) ``mask`` is kept.
-    Ink lying ``along_edge`` (a table, a shadow: see ``_strokes``) takes no
-    part in the decision.
+    The components marked in ``sheet`` (lying along the picture's edge: a
+    table, a shadow; see ``_strokes``) take no part in the decision.
     """
+    if _span(mask) < LINE_SPAN:  # the cheap test first: most pictures end here
+        return mask
+    along_edge = sheet[labels]
     inner = mask & ~along_edge
-    if not inner.any() or max(inner.any(axis=0).mean(), inner.any(axis=1).mean()) < LINE_SPAN:
+    if not inner.any() or _span(inner) < LINE_SPAN:
         return mask
     depth = ndimage.distance_transform_edt(mask)  # distance to the nearest pixel without ink
     radius = float(np.percentile(depth[inner], 95)) / 2
@@ -390,9 +398,8 @@ def _without_thin_lines(mask: np.ndarray, along_edge: np.ndarray) -> np.ndarray:
         return mask
     core = depth > radius
     opened = mask & (ndimage.distance_transform_edt(~core) <= radius + 1)
-    if not (opened & ~along_edge).any() or _box_area(opened & ~along_edge) > LINE_BOX * _box_area(inner):
-        return mask
-    return opened
+    digit = opened & ~along_edge
+    return opened if digit.any() and _box_area(digit) <= LINE_BOX * _box_area(inner) else mask
 
 
 def _stroke_width(mask: np.ndarray) -> float:

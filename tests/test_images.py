@@ -344,11 +344,15 @@ def test_thin_lines_across_the_paper_are_not_the_digit(paper):
 
 
 def test_a_tightly_cropped_digit_keeps_its_full_width_bar():
-    """A "7" cropped to its ink: the bar spans the picture like a ruled line, but is a stroke."""
-    img = seven()
-    crop = img.crop((148, 110, 252, 292))  # the bar touches both sides
+    """A "7" cropped to its ink: its bar spans the picture like a ruled line, and is thinner
+    than the down-stroke (a calligraphic pen), but removing it would not free a digit in a box."""
+    img = Image.new("RGB", (400, 400), (250, 250, 245))
+    draw = ImageDraw.Draw(img)
+    draw.line([(152, 120), (248, 120)], fill=(20, 20, 40), width=5)
+    draw.line([(240, 120), (180, 288)], fill=(20, 20, 40), width=18)
+    crop = img.crop((148, 115, 252, 292))  # the bar touches both sides
     image = to_mnist(encode(crop))
-    assert image[4:9].max(axis=0).astype(bool).sum() >= 8  # the bar is there, across the top
+    assert (image[4:9].max(axis=0) > 0.3).sum() >= 10  # the bar is there, across the top
     assert correlation(image, to_mnist(encode(img))) > 0.95
 
 
