@@ -47,7 +47,7 @@ from mnist_dvc.model import (  # noqa: E402
 )
 from mnist_dvc.params import load_section  # noqa: E402
 from mnist_dvc.skorch_net import build_net  # noqa: E402
-from stages.train import CudaGraphStep, cuda_graph_obstacle, seeded_generators, train_epoch  # noqa: E402
+from stages.train import CudaGraphStep, batch_order, cuda_graph_obstacle, seeded_generators, train_epoch  # noqa: E402
 
 
 def tensors(raw: Path, split: str):
@@ -106,7 +106,7 @@ def graph_loop(train, model_params, train_params, epochs: int, test, device):
     model = build_mlp(model_params, train_params.seed).to(device)
     optimizer = build_optimizer(model.parameters(), train_params, capturable=True)
     images, labels = (t.to(device) for t in train)
-    generator = torch.Generator().manual_seed(train_params.seed)
+    generator = seeded_generators(train_params.seed)["batches"]  # as the train stage draws the order
     started = time.perf_counter()
     step = CudaGraphStep(model, optimizer, images, labels, train_params.batch_size)
     torch.cuda.synchronize()
@@ -114,7 +114,7 @@ def graph_loop(train, model_params, train_params, epochs: int, test, device):
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
-        step.epoch(torch.randperm(len(images), generator=generator).to(device))  # ends with .item(): synced
+        step.epoch(batch_order(len(images), generator, device))  # ends with .item(): synced
         times.append(time.perf_counter() - start)
     return times, accuracy(model, test)
 

@@ -115,15 +115,15 @@ def load_stored_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray
     ``.npy`` array, of the wrong dtype or shape, with a label outside 0..9,
     or with a count that differs from the other file's.
     """
-    arrays = []
-    for path in split_paths(processed_dir, split):
+    paths, arrays = split_paths(processed_dir, split), []
+    for path in paths:
         try:
             arrays.append(np.load(path, allow_pickle=False))
         except FileNotFoundError:
             raise StageError(f"{path}: not found (run the preprocess stage first)") from None
         except ValueError as exc:  # not an .npy file, a truncated one, or one holding pickled objects
             raise StageError(f"{path}: not a NumPy array file ({exc}); {RERUN_PREPROCESS}") from None
-    (images_path, labels_path), (images, labels) = split_paths(processed_dir, split), arrays
+    (images_path, labels_path), (images, labels) = paths, arrays
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
         raise StageError(f"{images_path}: {images.dtype} array of shape {images.shape}, expected uint8 "
                          f"N x {IMAGE_SIDE} x {IMAGE_SIDE}; {RERUN_PREPROCESS}")
@@ -133,11 +133,16 @@ def load_stored_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray
     if len(images) != len(labels):
         raise StageError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
                          f"{RERUN_PREPROCESS}")
-    outside = (labels < 0) | (labels >= N_CLASSES)
-    if outside.any():
-        bad = int(np.argmax(outside))
+    bad = label_outside(labels)
+    if bad is not None:
         raise StageError(f"{labels_path}: label {labels[bad]} at index {bad} is outside 0..9; {RERUN_PREPROCESS}")
     return images, labels
+
+
+def label_outside(labels: np.ndarray) -> int | None:
+    """The index of the first of ``labels`` outside 0..9, or None."""
+    outside = (labels < 0) | (labels >= N_CLASSES)
+    return int(np.argmax(outside)) if outside.any() else None
 
 
 def load_split(processed_dir: Path | str, split: str):

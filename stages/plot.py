@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from mnist_dvc.data import N_CLASSES, load_stored_split
+from mnist_dvc.data import N_CLASSES, label_outside, load_stored_split
 from mnist_dvc.figures import plt, save_png
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import StageError, run_stage
@@ -59,8 +59,9 @@ def read_evaluation(path: Path) -> dict:
     return evaluation
 
 
-def read_predictions(path: Path, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(actual, predicted) label arrays from evaluate's CSV, one row per test image, each label in 0..9."""
+def read_predictions(path: Path, labels: np.ndarray) -> np.ndarray:
+    """The predicted labels in evaluate's CSV: one row per test image, its label (``labels``),
+    then a prediction in 0..9."""
     try:
         with warnings.catch_warnings():  # an empty file: refused below, not warned about
             warnings.simplefilter("ignore", UserWarning)
@@ -69,14 +70,18 @@ def read_predictions(path: Path, rows: int) -> tuple[np.ndarray, np.ndarray]:
         raise StageError(f"{path}: not found; run `dvc repro evaluate`") from None
     except ValueError as exc:  # a value that is not an integer, a row without two columns
         raise StageError(f"{path}: not a CSV of integer labels ({exc}); {RERUN_EVALUATE}") from None
-    if data.shape != (rows, 2) or not rows:
-        raise StageError(f"{path}: {len(data)} rows of {data.shape[1]} columns, expected {rows} rows (one per "
+    if data.shape != (len(labels), 2) or not len(labels):
+        raise StageError(f"{path}: {len(data)} rows of {data.shape[1]} columns, expected {len(labels)} rows (one per "
                          f"test image) of 2 columns (actual,predicted); {RERUN_EVALUATE}")
-    outside = (data < 0) | (data >= N_CLASSES)
-    if outside.any():
-        row, column = np.argwhere(outside)[0]
-        raise StageError(f"{path}: label {data[row, column]} in row {row + 2} is outside 0..9; {RERUN_EVALUATE}")
-    return data[:, 0], data[:, 1]
+    actual, predicted = data[:, 0], data[:, 1]
+    if not np.array_equal(actual, labels):
+        row = int(np.argmax(actual != labels))
+        raise StageError(f"{path}: row {row + 2} has the actual label {actual[row]}, but test image {row} is a "
+                         f"{labels[row]} (predictions for other test data); {RERUN_EVALUATE}")
+    bad = label_outside(predicted)
+    if bad is not None:
+        raise StageError(f"{path}: label {predicted[bad]} in row {bad + 2} is outside 0..9; {RERUN_EVALUATE}")
+    return predicted
 
 
 def loss_curves(live_dirs: dict[str, Path]):
@@ -154,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_section("plot")
     evaluation = read_evaluation(args.metrics / "evaluate.json")
-    images, _ = load_stored_split(args.data, "test")
-    predictions = {n: read_predictions(args.metrics / "predictions" / f"{n}.csv", len(images)) for n in TRAININGS}
+    images, labels = load_stored_split(args.data, "test")
+    predictions = {n: (labels, read_predictions(args.metrics / "predictions" / f"{n}.csv", labels))
+                   for n in TRAININGS}
     live_dirs = {"manual": args.metrics / "train", "skorch": args.metrics / "fit"}
 
     save_png(loss_curves(live_dirs), args.out / "loss_curves.png", params.dpi)

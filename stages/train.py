@@ -52,11 +52,17 @@ def seeded_generators(seed: int) -> dict[str, torch.Generator]:
     return {"batches": torch.Generator().manual_seed(seed), "augment": augment_generator(seed)}
 
 
+def batch_order(count: int, generator: torch.Generator, device) -> torch.Tensor:
+    """An epoch's random order of ``count`` images, drawn on the CPU from ``generator``
+    (so every device sees the same order), then moved to ``device``."""
+    return torch.randperm(count, generator=generator).to(device)
+
+
 def train_epoch(model, optimizer, images, labels, train_params, generators, scheduler=None, desc="") -> float:
     """One pass over the data in a seeded random order; returns the mean training loss."""
     model.train()
     batch_size, augment = train_params.batch_size, (train_params.augment.shift, train_params.augment.rotate)
-    order = torch.randperm(len(images), generator=generators["batches"]).to(images.device)
+    order = batch_order(len(images), generators["batches"], images.device)
     total_loss = torch.zeros((), device=images.device)
     steps = range(0, len(images), batch_size)
     for start in tqdm(steps, desc=desc, leave=False, mininterval=0.5, disable=None):
@@ -197,8 +203,8 @@ def train(model_params, train_params, train_split, val_split, live=None):
     step = CudaGraphStep(model, optimizer, images, labels, train_params.batch_size) if graphed else None
     for epoch in range(1, train_params.epochs + 1):
         desc = f"epoch {epoch}/{train_params.epochs}"
-        if step is not None:  # the same permutation as train_epoch draws
-            train_loss = step.epoch(torch.randperm(len(images), generator=generators["batches"]).to(device), desc)
+        if step is not None:
+            train_loss = step.epoch(batch_order(len(images), generators["batches"], device), desc)
         else:
             train_loss = train_epoch(model, optimizer, images, labels, train_params, generators, scheduler, desc)
         check_finite_loss(train_loss, epoch)

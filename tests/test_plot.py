@@ -59,8 +59,11 @@ BAD_INPUTS = {
                 r"skorch\.csv: not a CSV of integer labels \(.*abc"),
     "csv-12": ("predictions/manual.csv", "actual,predicted\n" + CSV_ROWS.replace("4,4", "4,12", 1),
                r"manual\.csv: label 12 in row 6 is outside 0\.\.9"),
-    "csv-minus-1": ("predictions/manual.csv", "actual,predicted\n" + CSV_ROWS.replace("0,0", "-1,0", 1),
+    "csv-minus-1": ("predictions/manual.csv", "actual,predicted\n" + CSV_ROWS.replace("0,0", "0,-1", 1),
                     r"manual\.csv: label -1 in row 2 is outside 0\.\.9"),
+    "csv-other-test-data": ("predictions/manual.csv", "actual,predicted\n" + CSV_ROWS.replace("5,5", "6,5", 1),
+                            r"manual\.csv: row 7 has the actual label 6, but test image 5 is a 5 \(predictions for "
+                            r"other test data\)"),
     "csv-truncated-row": ("predictions/skorch.csv", "actual,predicted\n" + CSV_ROWS[:-3],
                           r"skorch\.csv: not a CSV of integer labels"),
     "csv-truncated-lines": ("predictions/skorch.csv", "actual,predicted\n" + CSV_ROWS[:40],
@@ -78,3 +81,17 @@ def test_a_bad_evaluate_output_is_one_line_saying_to_rerun_evaluate_and_nothing_
     assert str(info.value).startswith(str(folder / "metrics" / file))
     assert str(info.value).endswith("; rerun `dvc repro evaluate`")
     assert not (folder / "plots").exists()
+
+
+def test_confusion_matrices_count_true_labels_by_row_and_predictions_by_column():
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(0)
+    actual = rng.integers(0, 10, 500)
+    predicted = np.where(rng.random(500) < 0.7, actual, rng.integers(0, 10, 500))
+    predicted[actual == 3] = 8  # not symmetric: a transposed matrix would differ
+    fig = plot.confusion_matrices({"manual": (actual, predicted), "skorch": (actual, actual)})
+    drawn = [np.asarray(ax.images[0].get_array()) for ax in fig.axes]
+    np.testing.assert_array_equal(drawn[0], confusion_matrix(actual, predicted, labels=range(10)))
+    np.testing.assert_array_equal(drawn[1], np.diag(np.bincount(actual, minlength=10)))
+    assert fig.axes[0].get_title().endswith(f": {int((actual != predicted).sum())} errors")
