@@ -230,16 +230,22 @@ def tool_env() -> dict[str, str]:
     return env
 
 
-def sh(*cmd: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a command (git, dvc) in ``cwd``; on failure show its output."""
-    result = subprocess.run(list(cmd), cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+DVC = str(Path(sys.executable).parent / "dvc")  # this venv's dvc
+
+
+def sh(*cmd, cwd: Path, check: bool = True, timeout: float = 600,
+       env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command (git, dvc) in ``cwd`` with ``env`` (default: ``tool_env()``); on failure show its output."""
+    cmd = [str(part) for part in cmd]
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env() if env is None else env, capture_output=True, text=True,
+                            timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
 
 
 def dvc(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return sh(str(Path(sys.executable).parent / "dvc"), *args, cwd=cwd, **kwargs)
+    return sh(DVC, *args, cwd=cwd, **kwargs)
 
 
 def make_project(dest: Path, mirror: tuple[Path, dict[str, str]], **overrides) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_stage_script, sections_with
+from conftest import REPO, sections_with
 from mnist_dvc.data import load_split
 from mnist_dvc.model import build_mlp, build_optimizer, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
@@ -62,20 +62,6 @@ def test_on_without_a_gpu_or_with_an_uncapturable_setting_is_an_error_naming_the
         use_cuda_graph(*sections(cuda_graph="on", augment={"shift": 1}), CUDA)
 
 
-def test_the_train_stage_refuses_cuda_graph_on_without_a_gpu_in_one_line(prepared):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: 'on' is allowed")
-    path = prepared / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params["train"].update(cuda_graph="on", device="auto")
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run_stage_script("train", cwd=prepared, check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "error: train.cuda_graph = 'on' cannot be used with no CUDA device (train.device); set it to 'auto' or 'off'"]
-    assert not (prepared / "models/mlp.pt").exists()
-
-
 # --- on a GPU ---------------------------------------------------------------
 
 def random_data(n: int = 1000, seed: int = 0):
@@ -97,11 +83,10 @@ def test_graph_replays_learn_bit_for_bit_what_the_eager_loop_learns_including_th
     # The warm-up's updates were undone: the graph starts from the same weights.
     for a, b in zip(eager.parameters(), graphed.parameters()):
         assert torch.equal(a, b)
-    eager_generators = {"batches": torch.Generator().manual_seed(0), "augment": None}
-    graph_generator = torch.Generator().manual_seed(0)
+    eager_generators, graph_generators = train_stage.seeded_generators(0), train_stage.seeded_generators(0)
     for _ in range(3):
         eager_loss = train_stage.train_epoch(eager, eager_optimizer, images, labels, train_params, eager_generators)
-        graph_loss = step.epoch(torch.randperm(len(images), generator=graph_generator).to(CUDA))
+        graph_loss = step.epoch(train_stage.batch_order(len(images), graph_generators["batches"], CUDA))
         assert graph_loss == eager_loss
     # The same kernels on the same data in the same order: bit for bit (on an
     # H100, also after 5 epochs of full MNIST).

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import dvc, run_stage_script, stage_command, stage_env, tool_env, write_params
+from conftest import DVC, dvc, run_stage_script, stage_command, stage_env, tool_env, write_params
 from mnist_dvc.model import MLP
 from stages import fit as fit_stage
 from stages import train as train_stage
@@ -100,13 +98,17 @@ def test_an_interrupted_training_keeps_the_previous_model_and_metrics_and_leaves
     assert not [p.name for p in (prepared / "metrics").iterdir() if p.name.startswith(".")]
 
 
-def test_a_training_that_fails_keeps_the_previous_metrics(prepared, mirror):
+def test_a_training_that_fails_keeps_the_previous_model_and_metrics(prepared, mirror):
     train_stage.main([])
-    good_metrics = tree(prepared / "metrics/train")
+    good_model, good_metrics = (prepared / "models/mlp.pt").read_bytes(), tree(prepared / "metrics/train")
     folder, md5 = mirror
-    write_params(prepared, folder.as_uri() + "/", md5, train__cuda_graph="on")  # refused once Live has started
+    # Refused inside train(), once DVCLive has started, on any machine (the CPU forced).
+    write_params(prepared, folder.as_uri() + "/", md5, train__cuda_graph="on", train__device="cpu")
     result = run_stage_script("train", cwd=prepared, check=False)
-    assert result.returncode == 1 and result.stderr.startswith("error: train.cuda_graph"), result.stderr
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: train.cuda_graph = 'on' cannot be used with no CUDA device (train.device); set it to 'auto' or 'off'"]
+    assert (prepared / "models/mlp.pt").read_bytes() == good_model
     assert tree(prepared / "metrics/train") == good_metrics
     assert not [p.name for p in (prepared / "metrics").iterdir() if p.name.startswith(".")]
 
@@ -117,7 +119,7 @@ def test_interrupted_dvc_repro_leaves_the_last_good_model_recoverable_with_dvc_c
     good = (repo / "models/mlp.pt").read_bytes()
     folder, md5 = mirror
     write_params(repo, folder.as_uri() + "/", md5, train__epochs=1000)
-    process = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "train"], cwd=repo,
+    process = subprocess.Popen([DVC, "repro", "train"], cwd=repo,
                                env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:

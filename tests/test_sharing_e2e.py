@@ -12,14 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import dvc, ran_stages, sh, tool_env
+from conftest import DVC, dvc, ran_stages, sh, tool_env
 from s3server import s3_remote, s3_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.e2e
@@ -231,7 +230,7 @@ def test_a_queued_grid_runs_in_two_workers_and_every_experiment_has_metrics(queu
     # would wait for them to exit.
     log = repo.parent / "queue-start.log"
     with log.open("w") as out:
-        subprocess.run([str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", "2"], cwd=repo,
+        subprocess.run([DVC, "queue", "start", "-j", "2"], cwd=repo,
                        env=tool_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                        timeout=120, check=True)
     assert "Started '2' new experiments task queue workers" in log.read_text(), log.read_text()

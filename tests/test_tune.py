@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from pathlib import Path
 
 import joblib
@@ -117,3 +118,25 @@ def test_local_workers_are_forked_on_the_cpu_only():
         assert type(joblib.parallel.get_active_backend()[0]).__name__ == "MultiprocessingBackend"
     with tune.local_workers(torch.device("cuda")):
         assert type(joblib.parallel.get_active_backend()[0]).__name__ != "MultiprocessingBackend"
+
+
+def test_local_workers_get_the_default_signal_handlers_whatever_the_stage_has():
+    # run_stage turns SIGTERM and SIGINT into an exception; the forked workers, which
+    # the pool ends with SIGTERM, must not inherit that (a worker that caught
+    # it lived on, and the stage waited for it forever).
+    previous = {sig: signal.signal(sig, a_stage_handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with tune.local_workers(torch.device("cpu")):
+            handlers = joblib.Parallel(n_jobs=2)(joblib.delayed(signal_handlers)() for _ in range(4))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert handlers == [(signal.SIG_DFL, signal.default_int_handler)] * 4
+
+
+def a_stage_handler(signum, frame):
+    raise KeyboardInterrupt
+
+
+def signal_handlers():
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)

@@ -32,7 +32,7 @@ import yaml
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
-from conftest import ran_stages, set_key, sh, stage_command, tool_env
+from conftest import DVC, dvc, ran_stages, set_key, sh, stage_command, tool_env
 from s3server import free_ports
 from mnist_dvc.cluster import ENV_VAR, connect
 from mnist_dvc.stage import StageError
@@ -190,14 +190,6 @@ def cluster_env(address: str) -> dict[str, str]:
     return {**tool_env(), ENV_VAR: address}
 
 
-def run(*cmd, cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(list(map(str, cmd)), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def dvc_bin() -> str:
-    return str(Path(sys.executable).parent / "dvc")
-
-
 def committed(repo: Path, path: str) -> bytes:
     return subprocess.run(["git", "show", f"HEAD:{path}"], cwd=repo, capture_output=True, check=True).stdout
 
@@ -208,7 +200,7 @@ def test_without_an_address_tune_runs_locally_and_never_imports_dask(copy_projec
     repo = copy_project()
     env = {k: v for k, v in tool_env().items() if k != ENV_VAR}
     outputs = [f"--metrics={tmp_path}/tune.json", f"--results={tmp_path}/tune.csv", f"--plot={tmp_path}/tune.png"]
-    result = run(sys.executable, "-X", "importtime", *stage_command("tune")[1:], *outputs, cwd=repo, env=env)
+    result = sh(sys.executable, "-X", "importtime", *stage_command("tune")[1:], *outputs, cwd=repo, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:") and "|" in line]
@@ -216,28 +208,6 @@ def test_without_an_address_tune_runs_locally_and_never_imports_dask(copy_projec
     assert not [name for name in imported if name.split(".")[0] in ("dask", "distributed")]
     assert "running the grid search on" not in result.stdout
     assert (tmp_path / "tune.json").read_bytes() == committed(repo, "metrics/tune.json")
-
-
-def test_local_workers_die_on_sigterm_whatever_handler_the_stage_has():
-    # run_stage turns SIGTERM into an exception; the forked workers, which
-    # the pool ends with SIGTERM, must not inherit that (a worker that caught
-    # it lived on, and the stage waited for it forever).
-    import joblib
-    import torch
-
-    from stages import tune
-
-    previous = signal.signal(signal.SIGTERM, a_stage_handler)
-    try:
-        with tune.local_workers(torch.device("cpu")):
-            handlers = joblib.Parallel(n_jobs=2)(joblib.delayed(signal.getsignal)(signal.SIGTERM) for _ in range(4))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert handlers == [signal.SIG_DFL] * 4
-
-
-def a_stage_handler(signum, frame):
-    raise KeyboardInterrupt
 
 
 def test_on_a_cluster_tune_reruns_nothing_and_reproduces_the_local_bytes(copy_project, start_cluster):
@@ -248,12 +218,12 @@ def test_on_a_cluster_tune_reruns_nothing_and_reproduces_the_local_bytes(copy_pr
         threads_before = {w: torch_threads(client, w) for w in client.scheduler_info(n_workers=-1)["workers"]}
 
     # The address is not a DVC param: with it set, an up-to-date project stays so.
-    status = run(dvc_bin(), "status", cwd=repo, env=env)
+    status = dvc("status", cwd=repo, env=env, check=False)
     assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
-    repro = run(dvc_bin(), "repro", cwd=repo, env=env)
+    repro = dvc("repro", cwd=repo, env=env, check=False)
     assert repro.returncode == 0 and ran_stages(repro.stdout) == set(), repro.stdout + repro.stderr
 
-    forced = run(dvc_bin(), "repro", "--force", "--single-item", "tune", cwd=repo, env=env)
+    forced = dvc("repro", "--force", "--single-item", "tune", cwd=repo, env=env, check=False)
     assert forced.returncode == 0, forced.stdout + forced.stderr + cluster.logs()
     assert ran_stages(forced.stdout) == {"tune"}
     assert f"running the grid search on {cluster.address} (2 workers)" in forced.stdout
@@ -306,7 +276,7 @@ def test_a_worker_killed_mid_search_loses_nothing(copy_project, start_cluster, t
     repo = copy_project()
     cluster = start_cluster(workers=2)
     set_params = [arg for param in LONG_SEARCH for arg in ("-S", param)]
-    run_ = subprocess.Popen([dvc_bin(), "exp", "run", *set_params], cwd=repo, env=cluster_env(cluster.address),
+    run_ = subprocess.Popen([DVC, "exp", "run", *set_params], cwd=repo, env=cluster_env(cluster.address),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with cluster.client() as client:
@@ -345,7 +315,7 @@ def test_a_worker_killed_mid_search_loses_nothing(copy_project, start_cluster, t
     local = [f"--metrics={tmp_path}/tune.json", f"--results={tmp_path}/tune_results.csv",
              f"--plot={tmp_path}/tune_cv_accuracy.png"]
     env = {k: v for k, v in tool_env().items() if k != ENV_VAR}
-    result = run(*stage_command("tune"), *local, cwd=repo, env=env)
+    result = sh(*stage_command("tune"), *local, cwd=repo, env=env)
     assert result.returncode == 0, result.stderr
     for path in OUTPUTS:
         assert (repo / path).read_bytes() == (tmp_path / Path(path).name).read_bytes(), path
@@ -363,8 +333,7 @@ def test_a_scheduler_lost_mid_search_ends_the_stage_in_one_line(copy_project, st
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with cluster.client() as client:
-            for w in client.scheduler_info(n_workers=-1)["workers"]:
-                warm_up(client, w)
+            warm = [warm_up(client, w) for w in client.scheduler_info(n_workers=-1)["workers"]]  # noqa: F841 (kept)
             deadline = time.monotonic() + 120
             while not client.run_on_scheduler(scheduler_state)["completed"]:
                 assert time.monotonic() < deadline and stage.poll() is None, "no fit completed"
@@ -386,7 +355,7 @@ def test_an_unreachable_scheduler_fails_in_one_line_and_replaces_nothing(copy_pr
     repo = copy_project()
     address = f"tcp://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     start = time.monotonic()
-    result = run(*stage_command("tune"), cwd=repo, env=cluster_env(address), timeout=60)
+    result = sh(*stage_command("tune"), cwd=repo, env=cluster_env(address), timeout=60, check=False)
     elapsed = time.monotonic() - start
     assert result.returncode == 1, result.stdout + result.stderr
     assert elapsed < 30
@@ -401,7 +370,7 @@ def test_a_scheduler_without_workers_fails_in_one_line_after_the_no_workers_time
     repo = copy_project()
     cluster = start_cluster(workers=0)
     env = {**cluster_env(cluster.address), "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "2s"}
-    result = run(*stage_command("tune"), cwd=repo, env=env, timeout=60)
+    result = sh(*stage_command("tune"), cwd=repo, env=env, timeout=60, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr == (f"error: the Dask scheduler at {cluster.address} has no workers (waited 2 s); "
                              f"start some with `dask worker {cluster.address}`\n")
@@ -427,7 +396,7 @@ def test_a_task_failing_on_the_cluster_ends_the_stage_in_one_line(copy_project, 
     cluster = start_cluster(workers=1, broken=broken)
     env = {**cluster_env(cluster.address), "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "3s"}
     start = time.monotonic()
-    result = run(*stage_command("tune"), cwd=repo, env=env, timeout=120)
+    result = sh(*stage_command("tune"), cwd=repo, env=env, timeout=120, check=False)
     elapsed = time.monotonic() - start
     assert result.returncode == 1, result.stdout + result.stderr + cluster.logs()
     assert elapsed < 30
