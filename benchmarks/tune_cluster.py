@@ -129,7 +129,8 @@ def main() -> None:
         "lr": args.lr, "hidden": args.hidden, "max_epochs": args.epochs}.items() if v})
     tune_params = tune_params.model_copy(update={k: v for k, v in {
         "subset_size": args.subset, "cv": args.cv, "grid": grid}.items() if v})
-    configure_torch(train_params.threads)
+    device = resolve_device(train_params.device)
+    configure_torch(train_params.threads, device)
     images, labels = load_stored_split(args.data, "train")
     images, labels = stratified_subset(images, labels, tune_params.subset_size, tune_params.seed)
     n_fits = len(grid.lr) * len(grid.hidden) * len(grid.max_epochs) * tune_params.cv
@@ -161,7 +162,7 @@ def main() -> None:
     timed("local, n_jobs=1", lambda s: s.set_params(n_jobs=1).fit(images, labels))
 
     def forked(search):
-        with local_workers(resolve_device(train_params.device)):
+        with local_workers(device):
             return search.set_params(n_jobs=2).fit(images, labels)
 
     timed("local, n_jobs=2 (forked workers)", forked)

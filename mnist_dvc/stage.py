@@ -135,7 +135,6 @@ def run_stage(main: Callable[[], None]) -> None:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        print(f"interrupted ({exc if isinstance(exc, Interrupted) else 'Ctrl-C'}): no output was replaced",
-              file=sys.stderr)
+    except Interrupted as exc:
+        print(f"interrupted ({exc}): no output was replaced", file=sys.stderr)
         sys.exit(130)

@@ -79,7 +79,7 @@ def build_search(model_params, train_params, tune_params) -> GridSearchCV:
                         refit=False, error_score="raise")
 
 
-def default_sigterm() -> None:
+def default_signals() -> None:
     """In a forked worker: SIGTERM ends the process, as it does by default.
 
     A worker inherits the stage's SIGTERM handler (mnist_dvc/stage.py), which
@@ -107,7 +107,7 @@ def local_workers(device):
     if sys.platform != "linux" or device.type == "cuda":
         return contextlib.nullcontext()
     return joblib.parallel_config(backend="multiprocessing", context=multiprocessing.get_context("fork"),
-                                  initializer=default_sigterm)
+                                  initializer=default_signals)
 
 
 def results_table(cv_results: dict, n_splits: int) -> list[dict]:
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: $DASK_SCHEDULER_ADDRESS; unset: this machine, tune.n_jobs processes)")
     args = parser.parse_args(argv)
     model_params, train_params, tune_params = load_section("model"), load_section("train"), load_section("tune")
-    configure_torch(train_params.threads, resolve_device(train_params.device))
+    device = resolve_device(train_params.device)
+    configure_torch(train_params.threads, device)
     # The images as stored (uint8): scaling them is the Pipeline's own first step.
     images, labels = load_stored_split(args.data, "train")
     images, labels = stratified_subset(images, labels, tune_params.subset_size, tune_params.seed)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     if address:  # Dask is imported on this path only
         search = fit_on_cluster(search, images, labels, address)
     else:
-        with local_workers(resolve_device(train_params.device)):
+        with local_workers(device):
             search = search.fit(images, labels)
 
     rows = results_table(search.cv_results_, tune_params.cv)
