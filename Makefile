@@ -31,7 +31,7 @@ repro: $(VENV)/.installed
 
 predict: $(VENV)/.installed
 	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="a.png b.jpg"'; exit 2; }
-	$(BIN)/python -m mnist_dvc.predict $(IMAGES)
+	$(BIN)/python -m mnist_dvc.apps.predict $(IMAGES)
 
 # The recipe of docs/experiments.md on top of the committed (tutorial) params:
 # a wider MLP, a one-cycle schedule, and shifted and turned training images.
@@ -42,7 +42,7 @@ best: $(VENV)/.installed
 
 # Draw a digit in the browser; SERVE_ARGS="--onnx --port 8080" passes options.
 serve: $(VENV)/.installed
-	$(BIN)/python -m mnist_dvc.serve $(SERVE_ARGS)
+	$(BIN)/python -m mnist_dvc.apps.serve $(SERVE_ARGS)
 
 # -n auto: one pytest-xdist worker per CPU core.
 test: $(VENV)/.installed-test

@@ -9,7 +9,7 @@ number of torch threads, and report seconds per epoch and test accuracy:
 - train:    the train stage's loop (``stages/train.py``), in-memory tensors;
 - fit:      the fit stage's skorch net (``mnist_dvc/skorch_net.py``);
 - on CUDA also the train loop with its step captured as a CUDA graph
-  (``train.cuda_graph``, ``CudaGraphStep`` in stages/train.py).
+  (``train.cuda_graph``, ``CudaGraphStep`` in mnist_dvc/cuda_graph.py).
 
 With ``--memory`` it also runs the preprocess, train, fit and evaluate
 stages as subprocesses (outputs to a temporary folder) and reports each
@@ -47,7 +47,8 @@ from mnist_dvc.model import (  # noqa: E402
 )
 from mnist_dvc.params import load_section  # noqa: E402
 from mnist_dvc.skorch_net import build_net  # noqa: E402
-from stages.train import CudaGraphStep, batch_order, cuda_graph_obstacle, seeded_generators, train_epoch  # noqa: E402
+from mnist_dvc.cuda_graph import CudaGraphStep, cuda_graph_obstacle  # noqa: E402
+from stages.train import batch_order, seeded_generators, train_epoch  # noqa: E402
 
 
 def tensors(raw: Path, split: str):

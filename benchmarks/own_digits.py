@@ -1,7 +1,7 @@
 """Accuracy on digits that were never MNIST: typeset, photographed, drawn on a canvas.
 
 Generates, deterministically from ``--seed``, three kinds of pictures and
-passes each one's encoded bytes through ``mnist_dvc.images.to_mnist``, as the
+passes each one's encoded bytes through ``mnist_dvc.apps.images.to_mnist``, as the
 ``predict`` command and the web app do:
 
 - typeset: the digits 0-9 in the fonts matplotlib ships (DejaVu Sans / Mono /
@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mnist_dvc.figures import plt, save_png  # noqa: E402  (selects the Agg backend)
-from mnist_dvc.images import ImageError, to_mnist  # noqa: E402
-from mnist_dvc.inference import MODELS, Predictor  # noqa: E402
+from mnist_dvc.apps.images import ImageError, to_mnist  # noqa: E402
+from mnist_dvc.apps.inference import MODELS, Predictor  # noqa: E402
 from mnist_dvc.stage import StageError  # noqa: E402
 
 CATEGORIES = ("typeset", "photo", "canvas", "lined")

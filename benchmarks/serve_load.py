@@ -1,6 +1,6 @@
 """Load test of the web app: a bounded burst of canvas drawings against a real server.
 
-Starts ``python -m mnist_dvc.serve --root ROOT --port 0`` as a subprocess,
+Starts ``python -m mnist_dvc.apps.serve --root ROOT --port 0`` as a subprocess,
 sends ``--requests`` POST /api/predict (default 5,000) from ``--clients``
 concurrent keep-alive HTTP/1.1 connections (default 8), each the same
 280x280 PNG of a drawn digit (dark strokes on a transparent canvas, what
@@ -71,7 +71,7 @@ def cpu_seconds(pid: int) -> float:
 
 def start_server(root: Path, onnx: bool, log) -> tuple[subprocess.Popen, int]:
     """The server on a free port (it prints "Serving on http://HOST:PORT/"); its stderr goes to ``log``."""
-    command = [sys.executable, "-m", "mnist_dvc.serve", "--root", str(root), "--port", "0"]
+    command = [sys.executable, "-m", "mnist_dvc.apps.serve", "--root", str(root), "--port", "0"]
     if onnx:
         command.append("--onnx")
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,

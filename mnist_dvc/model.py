@@ -114,7 +114,7 @@ def build_optimizer(parameters, train_params, capturable: bool = False) -> torch
     """The optimizer named by ``train.optimizer``, with ``train.lr``.
 
     ``capturable``: its step keeps all its state on the device, so that it can
-    be captured in a CUDA graph (the train stage's ``CudaGraphStep``).
+    be captured in a CUDA graph (``CudaGraphStep`` in mnist_dvc/cuda_graph.py).
     """
     kwargs = optimizer_kwargs(train_params)
     if capturable:

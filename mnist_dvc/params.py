@@ -105,7 +105,7 @@ class TrainParams(Section):
     seed: Seed
     threads: int = Field(ge=1, le=256)
     device: Literal["auto", "cpu", "cuda"]
-    # The explicit loop's step captured as a CUDA graph (stages/train.py):
+    # The explicit loop's step captured as a CUDA graph (mnist_dvc/cuda_graph.py):
     # "auto" where the device and settings allow, "on" always (an error where
     # they do not), "off" never.
     cuda_graph: Literal["auto", "on", "off"]

@@ -21,7 +21,7 @@ from mnist_dvc.stage import StageError
 from stages import fit as fit_stage
 from stages import train as train_stage
 from stages import tune
-from stages.train import CudaGraphStep, cuda_graph_obstacle, use_cuda_graph
+from mnist_dvc.cuda_graph import CudaGraphStep, cuda_graph_obstacle, use_cuda_graph
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

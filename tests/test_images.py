@@ -1,4 +1,4 @@
-"""mnist_dvc.images: any picture of a digit -> the 28x28 MNIST-style input.
+"""mnist_dvc.apps.images: any picture of a digit -> the 28x28 MNIST-style input.
 
 The pictures are made here from the fixture digits (scikit-learn's
 handwritten digits in MNIST's format, ``conftest.tiny_mnist_arrays``):
@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFile
 from threadpoolctl import threadpool_limits
 
 from conftest import tiny_mnist_arrays
-from mnist_dvc.images import CENTRE, MAX_PIXELS, ImageError, load_image, to_mnist, to_png
+from mnist_dvc.apps.images import CENTRE, MAX_PIXELS, ImageError, load_image, to_mnist, to_png
 
 N_DIGITS = 60  # of the fixture's test digits: 9 variants x 60 = 540 pictures, a few seconds
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mnist_dvc.inference import Predictor
+from mnist_dvc.apps.inference import Predictor
 from mnist_dvc.stage import StageError
 
 

@@ -1,6 +1,6 @@
-"""The web app (mnist_dvc/serve.py), tested through the real server process.
+"""The web app (mnist_dvc/apps/serve.py), tested through the real server process.
 
-Each server is ``python -m mnist_dvc.serve --root <reproduced repo> --port 0``
+Each server is ``python -m mnist_dvc.apps.serve --root <reproduced repo> --port 0``
 in a subprocess: it prints the URL it listens on, and is stopped by the
 fixture's finalizer. Its answers are compared with the ``predict`` command's
 on the same pictures, and with the model files and metrics it says it serves.
@@ -29,9 +29,9 @@ from PIL import Image, ImageDraw
 from conftest import REPO, tiny_mnist_arrays
 from test_images import png_header_only
 
-from mnist_dvc.images import to_mnist
-from mnist_dvc.inference import Predictor
-from mnist_dvc.serve import BODY_IDLE_SECONDS, MAX_BODY, create_app
+from mnist_dvc.apps.images import to_mnist
+from mnist_dvc.apps.inference import Predictor
+from mnist_dvc.apps.serve import BODY_IDLE_SECONDS, MAX_BODY, create_app
 
 pytestmark = pytest.mark.e2e
 
@@ -39,11 +39,11 @@ START_TIMEOUT = 60  # s; start-up is ~3 s, more when the other xdist worker trai
 
 
 class Server:
-    """``python -m mnist_dvc.serve`` on a free port; ``stop()`` ends it."""
+    """``python -m mnist_dvc.apps.serve`` on a free port; ``stop()`` ends it."""
 
     def __init__(self, root: Path, *args: str):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_dvc.serve", "--root", str(root), "--port", "0", *args],
+            [sys.executable, "-m", "mnist_dvc.apps.serve", "--root", str(root), "--port", "0", *args],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.stdout: list[str] = []
@@ -185,7 +185,7 @@ def test_predictions_match_the_predict_command(client, reproduced, tmp_path):
     for index, picture in enumerate(pictures):
         paths.append(tmp_path / f"{index}.png")
         paths[-1].write_bytes(picture)
-    cli = subprocess.run([sys.executable, "-m", "mnist_dvc.predict", "--json", "--models-root", str(reproduced),
+    cli = subprocess.run([sys.executable, "-m", "mnist_dvc.apps.predict", "--json", "--models-root", str(reproduced),
                           *map(str, paths)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr

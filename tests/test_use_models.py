@@ -23,8 +23,8 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, dvc, sh, tiny_mnist_arrays, tool_env
-from mnist_dvc.images import load_image, to_png
-from mnist_dvc.inference import Predictor
+from mnist_dvc.apps.images import load_image, to_png
+from mnist_dvc.apps.inference import Predictor
 from mnist_dvc.model import load_mlp
 from mnist_dvc.params import load_section
 from stages import export
@@ -34,9 +34,9 @@ N_PICTURES = 30
 
 
 def predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m mnist_dvc.predict`` of this checkout, run in ``cwd`` (a project folder)."""
+    """``python -m mnist_dvc.apps.predict`` of this checkout, run in ``cwd`` (a project folder)."""
     env = {**tool_env(), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "mnist_dvc.predict", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "mnist_dvc.apps.predict", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -162,7 +162,7 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped(reproduced, pictures, t
     odd = Path(os.fsdecode(bytes(tmp_path) + b"/seven-\xff.png"))
     odd.write_bytes(paths[1].read_bytes())
     env = {**tool_env(), "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict"}
-    result = subprocess.run([sys.executable, "-m", "mnist_dvc.predict", str(paths[0]), str(odd)], cwd=reproduced,
+    result = subprocess.run([sys.executable, "-m", "mnist_dvc.apps.predict", str(paths[0]), str(odd)], cwd=reproduced,
                             env=env, capture_output=True, timeout=120)
     assert result.returncode == 0 and result.stderr == b"", result.stderr.decode(errors="replace")
     lines = result.stdout.decode().splitlines()
@@ -174,7 +174,7 @@ def test_a_reader_that_stops_early_gets_no_traceback(reproduced, pictures):
     read, write = os.pipe()
     os.close(read)  # the reader is gone before predict prints (as `predict ... | head -0`)
     try:
-        result = subprocess.run([sys.executable, "-m", "mnist_dvc.predict", "--json", *map(str, paths[:3])],
+        result = subprocess.run([sys.executable, "-m", "mnist_dvc.apps.predict", "--json", *map(str, paths[:3])],
                                 cwd=reproduced, env={**tool_env(), "PYTHONPATH": str(REPO)}, stdout=write,
                                 stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
@@ -193,7 +193,7 @@ def test_onnx_backend_gives_the_same_answers_as_pytorch(reproduced, pictures):
 
 
 def test_onnx_path_never_imports_torch(reproduced, pictures):
-    code = ("import sys; from mnist_dvc.predict import main; code = main(['--onnx', sys.argv[1]]); "
+    code = ("import sys; from mnist_dvc.apps.predict import main; code = main(['--onnx', sys.argv[1]]); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code, str(pictures[0][0])], cwd=reproduced,
                             env={**tool_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True)

@@ -1,11 +1,11 @@
 """predict: classify your own pictures of digits with both trained models.
 
-    python -m mnist_dvc.predict IMAGE [IMAGE ...] [--json] [--save-input DIR] [--onnx]
+    python -m mnist_dvc.apps.predict IMAGE [IMAGE ...] [--json] [--save-input DIR] [--onnx]
     make predict IMAGES="a.png b.jpg"
 
 Each picture (a photo, a scan, a drawing, a typeset digit; any polarity,
 position and size) becomes the 28x28 input the models were trained on
-(mnist_dvc/images.py), then both models classify it:
+(mnist_dvc/apps/images.py), then both models classify it:
 
     my7.jpg: 7  (manual 0.98, skorch 0.98)
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_dvc.images import ImageError, load_image, to_png
-from mnist_dvc.inference import Predictor, describe
+from mnist_dvc.apps.images import ImageError, load_image, to_png
+from mnist_dvc.apps.inference import Predictor, describe
 from mnist_dvc.stage import StageError, atomic_path
 
 
@@ -106,7 +106,7 @@ def classify(paths: list[str], predictor: Predictor) -> tuple[list[dict], dict[i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mnist_dvc.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mnist_dvc.apps.predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="picture files (PNG, JPEG, GIF, BMP, WebP, TIFF...)")
     parser.add_argument("--json", action="store_true", help="print one JSON array instead of one line per picture")
     parser.add_argument("--save-input", type=writable_folder, metavar="DIR",

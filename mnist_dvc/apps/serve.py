@@ -1,13 +1,13 @@
 """serve: draw a digit in the browser; both trained models read it as you draw.
 
-    python -m mnist_dvc.serve [--host 127.0.0.1] [--port 8000] [--root DIR] [--onnx]
+    python -m mnist_dvc.apps.serve [--host 127.0.0.1] [--port 8000] [--root DIR] [--onnx]
     make serve
 
 A FastAPI app on uvicorn. Both models are loaded once, at start-up (an
 ``inference.Predictor``); without the model files the command stops before
 listening, with one line saying to run ``dvc repro`` or ``dvc pull``.
 
-- ``GET /``: the page (``mnist_dvc/static/``: plain HTML, CSS and JavaScript,
+- ``GET /``: the page (``mnist_dvc/apps/static/``: plain HTML, CSS and JavaScript,
   nothing from the network);
 - ``POST /api/predict``: one picture, as the raw request body (``Content-Type:
   image/...`` or ``application/octet-stream``) or as a multipart form with a
@@ -52,8 +52,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from mnist_dvc.data import IMAGE_SIDE
-from mnist_dvc.images import ImageError, to_mnist, to_png
-from mnist_dvc.inference import MODELS, Predictor, describe
+from mnist_dvc.apps.images import ImageError, to_mnist, to_png
+from mnist_dvc.apps.inference import MODELS, Predictor, describe
 from mnist_dvc.stage import StageError
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -355,7 +355,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mnist_dvc.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mnist_dvc.apps.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, "
                                                             "this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")

@@ -1,4 +1,4 @@
-// Draw a digit: the page of `python -m mnist_dvc.serve`. Plain JavaScript, no build step.
+// Draw a digit: the page of `python -m mnist_dvc.apps.serve`. Plain JavaScript, no build step.
 //
 // Strokes are kept as point lists (for Undo) and drawn dark on a transparent
 // canvas: to_mnist reads transparency as paper. While you draw, the canvas is
@@ -164,7 +164,7 @@
     } catch (err) {
       if (id === requestId) {
         resetAnswer("No answer.");
-        setStatus("Cannot reach the server: is `python -m mnist_dvc.serve` still running?", true);
+        setStatus("Cannot reach the server: is `python -m mnist_dvc.apps.serve` still running?", true);
       }
     } finally {
       inFlight--;
