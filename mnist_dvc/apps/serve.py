@@ -10,19 +10,20 @@ listening, with one line saying to run ``dvc repro`` or ``dvc pull``.
 - ``GET /``: the page (``mnist_dvc/apps/static/``: plain HTML, CSS and JavaScript,
   nothing from the network);
 - ``POST /api/predict``: one picture, as the raw request body (``Content-Type:
-  image/...`` or ``application/octet-stream``) or as a multipart form with a
-  ``file`` field; answers ``{"manual": {"digit", "probabilities"}, "skorch":
-  {...}, "input": 28 rows of 28 floats}`` (``predict --json``'s answer for a
-  picture, without ``path``, plus the 28x28 input the models saw);
+  image/...`` or ``application/octet-stream``) or, for ``curl -F file=@digit.png``,
+  as a form's ``file`` field; answers ``{"manual": {"digit", "probabilities"},
+  "skorch": {...}, "input": 28 rows of 28 floats}`` (``predict --json``'s answer
+  for a picture, without ``path``, plus the 28x28 input the models saw);
 - ``GET /api/health``: the backend, each model's file, sha256 and test
   accuracy (metrics/evaluate.json).
 
 Bad input is answered with a 4xx and ``{"error": "one sentence"}``, never a
-500: a body over ``MAX_BODY`` bytes gets 413 before it is read (declared
-``Content-Length``, or counted while it arrives), a body that stops
-arriving 408, a picture ``to_mnist`` cannot use 422, an unsupported content
-type 415, a malformed form 400. (uvicorn itself answers a plain-text 503
-while it holds ``limit_concurrency`` connections.)
+500: a body over ``MAX_BODY`` bytes gets 413 (FastAPI's ``max_body_size``;
+a declared ``Content-Length`` is refused before any of the body is read), a
+body not complete after ``BODY_SECONDS`` 408, a picture ``to_mnist`` cannot
+use 422, an unsupported content type 415, a form without a file ``file`` 400.
+Connection limits and idle timeouts are uvicorn's (``limit_concurrency``
+answers a plain-text 503, ``timeout_keep_alive``).
 
 The little CPU work of a request (``to_mnist`` ~2 ms, both forward passes
 ~0.1 ms) runs inline on the event loop: it is the fastest way on a small
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import json
 import socket
@@ -47,7 +47,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -58,17 +58,12 @@ from mnist_dvc.stage import StageError
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 2_000_000  # bytes: a canvas drawing is a few kB; the page shrinks big photos before sending
-# After a 413, what the client is still sending is read and dropped, at most this much and
-# this long, before the connection is closed (nginx's "lingering close"): a client that writes
-# its whole request before reading the answer then gets the 413 instead of a connection reset.
-LINGER_BYTES = 8 * MAX_BODY
-LINGER_SECONDS = 2.0
-LINGER_IDLE = 0.5  # ... and no longer than this after the client goes quiet
-# A body that stops arriving is answered 408 and its connection closed: a client that
-# stalls mid-upload (a phone off Wi-Fi, or on purpose) must not hold a connection for good.
-BODY_IDLE_SECONDS = 10.0  # the longest pause between two pieces of a body
-BODY_SECONDS = 60.0  # the longest a whole body may take (2 MB at 33 kB/s)
-FILE_FIELD = "file"
+TOO_LARGE = f"the request body is larger than the limit ({MAX_BODY:,} bytes)"
+# A body that is not complete after this long is answered 408 and its connection closed: a
+# client that stalls mid-upload (a phone off Wi-Fi, or on purpose) must not hold a connection
+# for good. uvicorn's timeouts cover idle connections between requests, not a stalled body.
+BODY_SECONDS = 30.0  # 2 MB at 67 kB/s
+FILE_FIELD = "file"  # curl -F file=@digit.png
 RAW_TYPES = ("image/", "application/octet-stream")
 NAMES = {"manual": "explicit PyTorch loop", "skorch": "skorch NeuralNetClassifier"}
 PAGE_HEADERS = {
@@ -86,132 +81,6 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-# --- request size limit (pure ASGI) ----------------------------------------------------
-
-class BodyTooLarge(Exception):
-    """Raised into the app when the body it is reading passes the limit (a 413 is already sent)."""
-
-
-class BodyTimeout(Exception):
-    """Raised into the app when the body it is reading stops arriving (a 408 is already sent)."""
-
-
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, without reading them,
-    and bodies that stop arriving with 408.
-
-    A declared ``Content-Length`` over the limit is answered at once, before
-    any of the body is read (and a client that sent ``Expect: 100-continue``
-    never sends it). A body without one (chunked) is counted as the app
-    receives it: the 413 goes out as soon as the count passes the limit, and
-    the app's reading stops there. Then, at most ``LINGER_BYTES`` or
-    ``LINGER_SECONDS`` more of what the client is still sending is dropped
-    (until it pauses for ``LINGER_IDLE``) before the connection closes, so
-    that the client can read the 413 rather than a connection reset.
-
-    While the app reads a body, each piece must come within
-    ``BODY_IDLE_SECONDS`` of the last and the whole within ``BODY_SECONDS``;
-    otherwise the answer is a 408 and the connection closes. (uvicorn's own
-    timeouts cover idle connections, not a request whose body stalls.)
-    """
-
-    def __init__(self, app, limit: int = MAX_BODY):
-        self.app, self.limit = app, limit
-        self.too_large = json.dumps({"error": f"the request body is larger than the limit "
-                                              f"({limit:,} bytes)"}).encode()
-        self.too_slow = json.dumps({"error": f"the upload stalled: no data for {BODY_IDLE_SECONDS:g} s, "
-                                             f"or not complete after {BODY_SECONDS:g} s"}).encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared, expect_continue = None, False
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                declared = int(value) if value.isdigit() else None  # the HTTP parser rejects bad ones
-            elif name == b"expect":
-                expect_continue = value.lower() == b"100-continue"
-        if declared is not None and declared > self.limit:
-            await self._refuse(send, 413, self.too_large)
-            if not expect_continue:
-                await self._linger(receive)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-
-        received = 0
-        started = refused = body_done = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BODY_SECONDS
-
-        async def limited_receive():
-            nonlocal received, refused, body_done
-            if body_done:  # the app waits for the client to disconnect: no time limit
-                return await receive()
-            try:
-                timeout = max(0.0, min(BODY_IDLE_SECONDS, deadline - loop.time()))
-                message = await asyncio.wait_for(receive(), timeout)
-            except asyncio.TimeoutError:
-                if not started:
-                    refused = True
-                    await self._refuse(send, 408, self.too_slow)
-                raise BodyTimeout("the request body stopped arriving") from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                body_done = not message.get("more_body", False)
-                if received > self.limit:
-                    if not started:
-                        refused = True
-                        await self._refuse(send, 413, self.too_large)
-                    raise BodyTooLarge(f"request body over {self.limit} bytes")
-            else:
-                body_done = True
-            return message
-
-        async def tracked_send(message):
-            nonlocal started
-            if refused:
-                return  # the app's own answer to its interrupted read is dropped: the 413 is out
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracked_send)
-        except Exception:  # noqa: BLE001 - BodyTooLarge, BodyTimeout, or whatever the app turned it into
-            if not refused:
-                raise
-        if refused:
-            if received > self.limit:
-                await self._linger(receive)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    @staticmethod
-    async def _refuse(send, status: int, body: bytes) -> None:
-        """The refusal's head and body; the response ends (and the connection closes) later."""
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body, "more_body": True})
-
-    @staticmethod
-    async def _linger(receive) -> None:
-        loop = asyncio.get_running_loop()
-        deadline, dropped = loop.time() + LINGER_SECONDS, 0
-        try:
-            while dropped < LINGER_BYTES:
-                timeout = min(deadline - loop.time(), LINGER_IDLE)
-                if timeout <= 0:
-                    return
-                message = await asyncio.wait_for(receive(), timeout)
-                if message["type"] != "http.request":
-                    return
-                dropped += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return
-        except (asyncio.TimeoutError, OSError):
-            return
-
-
 # --- the app -----------------------------------------------------------------------------
 
 class Static(StaticFiles):
@@ -224,28 +93,53 @@ class Static(StaticFiles):
 
 
 async def image_bytes(request: Request) -> bytes:
-    """The picture's bytes: the raw body, or the form's ``file`` field. Raises HTTPException."""
+    """The picture's bytes: the raw body, or the form's ``file`` field. Raises HTTPException.
+
+    The body is read whole first (FastAPI counts it against ``max_body_size``),
+    within ``BODY_SECONDS``; a form is then parsed from memory.
+    """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "multipart/form-data":
-        if content_type and not content_type.startswith(RAW_TYPES):
-            raise HTTPException(415, f"unsupported content type {content_type!r}: send the picture as the "
-                                     f"request body with Content-Type image/png, image/jpeg, ... or "
-                                     f"application/octet-stream, or as a multipart form field named {FILE_FIELD!r}")
-        return await request.body()
-    # A part without a filename is a text field: up to the whole body's limit, so that a
-    # picture sent that way is answered for what it is, not for its size.
-    async with request.form(max_files=1, max_fields=8, max_part_size=MAX_BODY) as form:
-        upload = form.get(FILE_FIELD)
-        if upload is None:
-            raise HTTPException(400, f"the form has no file field named {FILE_FIELD!r}")
+    form = content_type == "multipart/form-data"
+    if not form and content_type and not content_type.startswith(RAW_TYPES):
+        raise HTTPException(415, f"unsupported content type {content_type!r}: send the picture as the "
+                                 f"request body with Content-Type image/png, image/jpeg, ... or "
+                                 f"application/octet-stream, or as a form file field named {FILE_FIELD!r}")
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            body = await request.body()
+    except TimeoutError:
+        raise HTTPException(408, f"the upload stalled: the body was not complete after {BODY_SECONDS:g} s",
+                            headers={"Connection": "close"}) from None
+    if not form:
+        return body
+    async with request.form(max_files=1, max_fields=1) as fields:
+        upload = fields.get(FILE_FIELD)
         if not isinstance(upload, UploadFile):
-            raise HTTPException(400, f"the form field {FILE_FIELD!r} holds text, not a file: "
-                                     f"upload the picture as a file (a part with a filename)")
+            raise HTTPException(400, f"the form has no file field named {FILE_FIELD!r}: "
+                                     f"send the picture as curl -F {FILE_FIELD}=@digit.png does")
         return await upload.read()
 
 
-def create_app(predictor: Predictor) -> BodyLimit:
-    """The ASGI app over loaded models: FastAPI, wrapped in the body-size limit."""
+def refuse_declared_oversize(app: FastAPI):
+    """``app`` behind one check: a declared ``Content-Length`` over MAX_BODY gets the JSON 413 at once.
+
+    FastAPI's ``max_body_size`` refuses such a request too, but with Starlette's
+    plain-text "Content Too Large", sent past the app's exception handlers; a
+    body without a length is counted by FastAPI, and its 413 comes through ``http_error``.
+    The connection stays open: uvicorn reads and drops the rest of the body, so
+    that a client that sends it all before reading still gets the 413.
+    """
+    async def checked(scope, receive, send):
+        if scope["type"] == "http":
+            declared = Headers(scope=scope).get("content-length", "")
+            if declared.isdigit() and int(declared) > MAX_BODY:
+                return await error(413, TOO_LARGE)(scope, receive, send)
+        await app(scope, receive, send)
+    return checked
+
+
+def create_app(predictor: Predictor):
+    """The ASGI app over loaded models: FastAPI with its body-size limit, behind the declared-size check."""
     hashes, accuracy = predictor.file_hashes(), predictor.test_accuracy()
     backend = "onnx" if predictor.onnx else "pytorch"
     health = json.dumps({
@@ -260,11 +154,12 @@ def create_app(predictor: Predictor) -> BodyLimit:
 
     # No Swagger UI: it loads its scripts from a CDN, and the app must work offline.
     app = FastAPI(title="mnist-dvc: draw a digit", docs_url=None, redoc_url=None,
-                  openapi_url="/api/openapi.json")
+                  openapi_url="/api/openapi.json", max_body_size=MAX_BODY)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        message = TOO_LARGE if exc.status_code == 413 else str(exc.detail)  # Starlette's: "Content Too Large"
+        return error(exc.status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -307,7 +202,7 @@ def create_app(predictor: Predictor) -> BodyLimit:
         return Response(json.dumps(answer).encode(), media_type="application/json")
 
     app.mount("/static", Static(directory=STATIC), name="static")
-    return BodyLimit(app)
+    return refuse_declared_oversize(app)
 
 
 def warm_up(predictor: Predictor) -> None:
@@ -315,25 +210,6 @@ def warm_up(predictor: Predictor) -> None:
     stroke = np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.float32)
     stroke[4:24, 13:16] = 1
     predictor.probabilities(to_mnist(to_png(stroke))[None])
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep the few MB a request allocates and frees, instead of returning them each time.
-
-    By default, arrays over 128 kB (a 280x280 float32 picture is 314 kB) are
-    fresh ``mmap``s and the heap's top is trimmed as soon as 256 kB are
-    free, so every request pays page faults again: ``to_mnist`` took 2.7 ms
-    instead of 2.1 ms (importing torch happens to raise both thresholds, so
-    only the ONNX server felt it). Allocations of 4 MB or more (a big
-    photo) are still returned to the system when freed. Elsewhere than
-    glibc, nothing changes.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -364,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true", help="use models/*.onnx with ONNX Runtime instead of PyTorch")
     args = parser.parse_args(argv)
 
-    keep_freed_memory()
     try:
         predictor = Predictor(args.root, onnx=args.onnx, threads=1)
         warm_up(predictor)
