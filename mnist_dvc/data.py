@@ -18,7 +18,11 @@ this module for ``RAW_FILES`` and must start without it.
 
 from __future__ import annotations
 
+import csv
 import gzip
+import hashlib
+import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -151,3 +155,98 @@ def load_split(processed_dir: Path | str, split: str):
 
     images, labels = load_stored_split(processed_dir, split)
     return torch.from_numpy(images).float().div_(255), torch.from_numpy(labels.astype(np.int64, copy=False))
+
+
+# --- feedback: pictures people corrected in the web app (data/feedback/) -------
+#
+# <sha256 of the PNG bytes>.png: 28x28 8-bit greyscale, white digit on black
+# (the model's input); labels.csv: header "file,label", one row per picture,
+# sorted by file name. Written by mnist_dvc/apps/feedback.py, versioned with
+# `dvc add data/feedback`, read by the feedback and preprocess stages.
+
+FEEDBACK_LABELS = "labels.csv"
+FEEDBACK_HEADER = ("file", "label")
+FEEDBACK_NAME = re.compile(r"^[0-9a-f]{64}\.png$")
+PULL_FEEDBACK = "run `dvc pull data/feedback.dvc`"
+
+
+def read_feedback_labels(folder: Path | str) -> dict[str, int]:
+    """``{file name: label}`` from ``folder``/labels.csv; {} where the folder or the file is absent.
+
+    Raises StageError naming the file and line for a wrong header, a file
+    name that is not a sha256 ``.png``, a label outside 0..9 or a file listed twice.
+    """
+    path = Path(folder) / FEEDBACK_LABELS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StageError(f"{path} cannot be read: {exc}") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or tuple(rows[0]) != FEEDBACK_HEADER:
+        raise StageError(f"{path}: the first line must be the header {','.join(FEEDBACK_HEADER)!r}")
+    labels: dict[str, int] = {}
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != 2 or not FEEDBACK_NAME.match(row[0]):
+            raise StageError(f"{path}, line {number}: expected '<sha256>.png,<digit>', got {','.join(row)!r}")
+        name, label = row
+        if label not in {str(d) for d in range(N_CLASSES)}:
+            raise StageError(f"{path}, line {number}: label {label!r} is not a digit 0..9")
+        if name in labels:
+            raise StageError(f"{path}, line {number}: {name} is listed twice")
+        labels[name] = int(label)
+    return labels
+
+
+def format_feedback_labels(labels: dict[str, int]) -> str:
+    """labels.csv's text for ``labels``: the header, then one row per file, sorted."""
+    lines = [",".join(FEEDBACK_HEADER)] + [f"{name},{labels[name]}" for name in sorted(labels)]
+    return "\n".join(lines) + "\n"
+
+
+def missing_feedback(folder: Path | str, labels: dict[str, int]) -> list[str]:
+    """The files of ``labels`` that are not in ``folder``."""
+    return [name for name in sorted(labels) if not (Path(folder) / name).is_file()]
+
+
+def load_feedback(folder: Path | str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(file names, images, labels)`` of the collected pictures, sorted by name.
+
+    Images are uint8 N x 28 x 28, labels int64 N. Each PNG is checked: present,
+    named by the sha256 of its bytes, a 28x28 greyscale picture; StageError names it otherwise.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    labels = read_feedback_labels(folder)
+    missing = missing_feedback(folder, labels)
+    if missing:
+        raise StageError(f"{folder / missing[0]} is listed in {folder / FEEDBACK_LABELS} but absent "
+                         f"({len(missing)} of {len(labels)} missing): {PULL_FEEDBACK}")
+    names = sorted(labels)
+    images = np.zeros((len(names), IMAGE_SIDE, IMAGE_SIDE), np.uint8)
+    for i, name in enumerate(names):
+        data = (folder / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != name.removesuffix(".png"):
+            raise StageError(f"{folder / name}: its bytes do not match the sha256 in its name (changed or corrupt); "
+                             f"remove it and its line in {FEEDBACK_LABELS}, or {PULL_FEEDBACK}")
+        try:
+            with Image.open(io.BytesIO(data)) as picture:
+                if picture.format != "PNG" or picture.mode != "L" or picture.size != (IMAGE_SIDE, IMAGE_SIDE):
+                    raise StageError(f"{folder / name}: a {picture.format} {picture.mode} picture of "
+                                     f"{picture.size[0]}x{picture.size[1]}, expected a 28x28 greyscale (L) PNG")
+                images[i] = np.asarray(picture)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise StageError(f"{folder / name}: not a readable PNG ({exc})") from None
+    return names, images, np.array([labels[name] for name in names], dtype=np.int64)
+
+
+def feedback_held_out(name: str, holdout: float) -> bool:
+    """Whether the picture ``name`` belongs to the feedback test split.
+
+    Decided by its content hash alone (its first 32 bits as a fraction of
+    2**32), so adding pictures never moves one already collected from one
+    part to the other, and a larger ``holdout`` only moves pictures into the test part.
+    """
+    return int(name[:8], 16) < holdout * 2**32

@@ -66,10 +66,17 @@ class DownloadParams(Section):
         return mirrors
 
 
+class FeedbackParams(Section):
+    # How the corrected pictures in data/feedback join the data (stages/preprocess.py).
+    repeat: int = Field(ge=1, le=1000)  # copies of each training picture in the train split
+    holdout: float = Field(ge=0, lt=1)  # the fraction, chosen by content hash, kept as the feedback test split
+
+
 class PreprocessParams(Section):
     # A fraction of the 60,000 training images in [0, 1), or a count below 60,000.
     val_size: float | int = Field(ge=0)
     seed: Seed
+    feedback: FeedbackParams
 
     @field_validator("val_size")
     @classmethod

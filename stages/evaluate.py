@@ -1,8 +1,10 @@
 """evaluate: both trained models on the 10,000 test images.
 
-In:  data/processed/test_*.npy; models/mlp.pt; models/skorch_params.pt;
-     params.yaml ``model`` and ``evaluate``.
-Out: metrics/evaluate.json   {"manual": {accuracy, loss, macro_f1}, "skorch": {...}}
+In:  data/processed/test_*.npy (and feedback_*.npy, the held-out corrected
+     pictures, where preprocess wrote them); models/mlp.pt;
+     models/skorch_params.pt; params.yaml ``model`` and ``evaluate``.
+Out: metrics/evaluate.json   {"manual": {accuracy, loss, macro_f1}, "skorch": {...}};
+     with a feedback split, each model also has feedback_accuracy and feedback_count
      metrics/classification_report.json   per-class precision/recall/F1 of each model
      metrics/predictions/{manual,skorch}.csv   actual,predicted per test image, in
      test-set order (DVC's confusion-matrix data; plot reads it for the digit grid)
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
-from mnist_dvc.data import load_split
+from mnist_dvc.data import load_split, split_paths
 from mnist_dvc.model import TRAINED_BY, load_trained, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import run_stage, write_csv, write_json
@@ -60,6 +62,14 @@ def main(argv: list[str] | None = None) -> None:
         # actual,predicted per test image, in test-set order: DVC's confusion template.
         write_csv(args.predictions / f"{name}.csv", ["actual", "predicted"],
                   zip(labels.tolist(), predicted[name].tolist()))
+    if split_paths(args.data, "feedback")[0].exists():
+        feedback_images, feedback_labels = load_split(args.data, "feedback")
+        for name, model in models.items():
+            feedback_predicted = predict_logits(model, feedback_images, params.batch_size).argmax(dim=1).numpy()
+            metrics[name]["feedback_accuracy"] = accuracy_score(feedback_labels, feedback_predicted)
+            metrics[name]["feedback_count"] = len(feedback_labels)
+            print(f"{name}: feedback/accuracy {metrics[name]['feedback_accuracy']:.4f} "
+                  f"on {len(feedback_labels)} held-out corrected pictures")
     write_json(args.report, reports)
     write_json(args.metrics, metrics)
 

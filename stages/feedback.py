@@ -1,0 +1,86 @@
+"""feedback: make sure the collected corrections are here, and record what they hold.
+
+In:  data/feedback/ (labels.csv and <sha256>.png, written by
+     `python -m mnist_dvc.apps.serve --collect data/feedback`); data/feedback.dvc
+     once the collection is versioned (`dvc add data/feedback`).
+Out: data/feedback/labels.csv with its header only, where nothing was
+     collected and there is no data/feedback.dvc (a fresh clone);
+     metrics/feedback.json   {"pictures": N, "per_class": {"0": n, ...}}
+
+preprocess depends on data/feedback, and a DVC dependency must exist: this
+stage, ``always_changed`` in dvc.yaml, runs first on every `dvc repro` and
+creates the folder until there is a data/feedback.dvc. Where the .dvc file is
+committed but its data was not pulled, it stops with one line saying so: DVC
+would otherwise record the empty folder in the .dvc file and train without
+the corrections. Its record, the same bytes while the collection is the same,
+lets preprocess skip when nothing changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mnist_dvc.data import FEEDBACK_LABELS, N_CLASSES, format_feedback_labels, missing_feedback, read_feedback_labels
+from mnist_dvc.stage import StageError, atomic_path, run_stage, write_json
+
+
+def dvc_file_of(folder: Path) -> Path:
+    """``data/feedback`` -> ``data/feedback.dvc``, the file `dvc add` writes."""
+    return folder.with_name(folder.name + ".dvc")
+
+
+def files_recorded(dvc_file: Path) -> int:
+    """The number of files data/feedback.dvc records (``nfiles``); 0 if it does not say."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        document = YAML(typ="safe", pure=True).load(dvc_file.read_text(encoding="utf-8"))
+        return int(document["outs"][0].get("nfiles", 0))
+    except (OSError, UnicodeDecodeError, YAMLError, KeyError, IndexError, TypeError, AttributeError,
+            ValueError) as exc:
+        raise StageError(f"{dvc_file} is not a `dvc add` file ({exc}); restore it with git") from None
+
+
+def files_in(folder: Path) -> int:
+    """Regular files under ``folder``, at any depth."""
+    return sum(1 for path in folder.rglob("*") if path.is_file())
+
+
+def check_pulled(folder: Path, dvc_file: Path, labels: dict[str, int]) -> None:
+    """StageError unless ``folder`` holds at least what ``dvc_file`` records, with every listed picture."""
+    absent = (not folder.is_dir() or not (folder / FEEDBACK_LABELS).is_file()
+              or missing_feedback(folder, labels) or files_in(folder) < files_recorded(dvc_file))
+    if absent:
+        raise StageError(f"{dvc_file} is committed but its data is not here: run `dvc pull {dvc_file}`")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=Path("data/feedback"))
+    parser.add_argument("--record", type=Path, default=Path("metrics/feedback.json"))
+    args = parser.parse_args(argv)
+    folder, dvc_file = args.folder, dvc_file_of(args.folder)
+
+    if folder.exists() and not folder.is_dir():
+        raise StageError(f"{folder} is a file, not a folder of collected pictures: move it away")
+    labels = read_feedback_labels(folder)
+    if dvc_file.exists():
+        check_pulled(folder, dvc_file, labels)
+    else:
+        missing = missing_feedback(folder, labels)
+        if missing:
+            raise StageError(f"{folder / FEEDBACK_LABELS} lists {len(missing)} pictures that are not in {folder} "
+                             f"(the first: {missing[0]}): remove their lines or restore the files")
+        if not (folder / FEEDBACK_LABELS).exists():
+            with atomic_path(folder / FEEDBACK_LABELS) as tmp:
+                tmp.write_text(format_feedback_labels({}))
+    per_class = [0] * N_CLASSES
+    for label in labels.values():
+        per_class[label] += 1
+    write_json(args.record, {"pictures": len(labels), "per_class": {str(c): n for c, n in enumerate(per_class)}})
+    print(f"{folder}: {len(labels)} corrected pictures")
+
+
+if __name__ == "__main__":
+    run_stage(main)

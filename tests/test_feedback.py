@@ -1,0 +1,262 @@
+"""Corrections from the web app: the store (mnist_dvc/apps/feedback.py), the feedback
+stage, and what preprocess and the trainings make of the collected pictures.
+
+The pictures here are seeded random 28x28 arrays: the store, the hold-out and
+the splits care about bytes and hashes, not about what the digits look like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnist_dvc.apps.feedback import FeedbackStore, StoreFull
+from mnist_dvc.apps.images import to_png
+from mnist_dvc.data import (FEEDBACK_LABELS, feedback_held_out, load_feedback, load_stored_split,
+                            read_feedback_labels, split_paths)
+from mnist_dvc.stage import StageError
+
+
+def pictures(count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` different 28x28 float pictures in [0, 1], as to_mnist returns them."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (28, 28)).astype(np.float32) / 255 for _ in range(count)]
+
+
+def collect(folder, count: int, seed: int = 0) -> dict[str, int]:
+    """Store ``count`` pictures with labels 0, 1, 2, ... in turn; ``{file: label}``."""
+    store = FeedbackStore(folder)
+    return {store.add(image, i % 10).file: i % 10 for i, image in enumerate(pictures(count, seed))}
+
+
+def labels_csv(folder) -> str:
+    return (folder / FEEDBACK_LABELS).read_text()
+
+
+# --- the store ---------------------------------------------------------------------------
+
+def test_a_correction_is_stored_as_the_png_of_the_input_named_by_its_hash_with_a_sorted_row(tmp_path):
+    folder = tmp_path / "feedback"
+    images = pictures(3)
+    store = FeedbackStore(folder)
+    assert labels_csv(folder) == "file,label\n"  # a new store holds its header
+    stored = [store.add(image, label) for image, label in zip(images, (7, 3, 9))]
+    assert [s.created for s in stored] == [True] * 3 and [s.stored for s in stored] == [1, 2, 3]
+    for image, entry in zip(images, stored):
+        data = (folder / entry.file).read_bytes()
+        assert data == to_png(image) and entry.file == hashlib.sha256(data).hexdigest() + ".png"
+        with Image.open(io.BytesIO(data)) as picture:
+            assert (picture.format, picture.mode, picture.size) == ("PNG", "L", (28, 28))
+    rows = sorted(f"{s.file},{s.label}" for s in stored)
+    assert labels_csv(folder) == "file,label\n" + "\n".join(rows) + "\n"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([FEEDBACK_LABELS] + [s.file for s in stored])
+
+
+def test_correcting_a_picture_again_replaces_its_label_and_keeps_one_row(tmp_path):
+    store = FeedbackStore(tmp_path)
+    image = pictures(1)[0]
+    first, again, relabelled = store.add(image, 4), store.add(image, 4), store.add(image, 9)
+    assert (first.created, again.created, relabelled.created) == (True, False, False)
+    assert first.file == again.file == relabelled.file and relabelled.stored == 1
+    assert read_feedback_labels(tmp_path) == {first.file: 9}
+
+
+def test_concurrent_corrections_from_many_threads_and_two_servers_are_each_stored_once(tmp_path):
+    # Two stores on one folder stand for two server processes (an flock each);
+    # 8 threads send 20 pictures each, every picture twice, the second time relabelled.
+    stores = [FeedbackStore(tmp_path), FeedbackStore(tmp_path)]
+    images = pictures(160)
+    start = threading.Barrier(8)
+    errors = []
+
+    def client(k: int) -> None:
+        start.wait()
+        try:
+            for i in range(k, 160, 8):
+                stores[k % 2].add(images[i], 0)
+                stores[(k + 1) % 2].add(images[i], i % 10)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    expected = {hashlib.sha256(to_png(image)).hexdigest() + ".png": i % 10 for i, image in enumerate(images)}
+    assert read_feedback_labels(tmp_path) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([FEEDBACK_LABELS, *expected])  # no temp file left
+
+
+def test_a_full_store_refuses_new_pictures_but_takes_relabels(tmp_path):
+    store = FeedbackStore(tmp_path, limit=2)
+    first, second, third = pictures(3)
+    store.add(first, 1)
+    store.add(second, 2)
+    with pytest.raises(StoreFull, match=r"full \(2 pictures\).*--collect-limit"):
+        store.add(third, 3)
+    assert store.add(first, 5).label == 5
+    assert sorted(read_feedback_labels(tmp_path).values()) == [2, 5]
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("name,digit\n", "the first line must be the header 'file,label'"),
+    ("file,label\n../../etc/passwd,1\n", "line 2: expected '<sha256>.png,<digit>'"),
+    (f"file,label\n{'a' * 64}.png,10\n", "line 2: label '10' is not a digit 0..9"),
+    (f"file,label\n{'a' * 64}.png,1\n{'a' * 64}.png,2\n", "line 3: " + "a" * 64 + ".png is listed twice"),
+])
+def test_a_damaged_labels_csv_is_refused_in_one_line_naming_the_line(tmp_path, text, reason):
+    (tmp_path / FEEDBACK_LABELS).write_text(text)
+    with pytest.raises(StageError, match=str(tmp_path / FEEDBACK_LABELS)) as caught:
+        read_feedback_labels(tmp_path)
+    assert reason in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(StageError):  # a server does not start on it either
+        FeedbackStore(tmp_path)
+
+
+def test_a_picture_changed_after_collection_is_refused_naming_it(tmp_path):
+    name = next(iter(collect(tmp_path, 1)))
+    (tmp_path / name).write_bytes(to_png(np.zeros((28, 28))))
+    with pytest.raises(StageError, match=f"{name}: its bytes do not match the sha256 in its name"):
+        load_feedback(tmp_path)
+
+
+# --- the hold-out -----------------------------------------------------------------------
+
+def test_the_hold_out_depends_on_the_hash_alone_and_adding_pictures_moves_none(workdir):
+    from stages import download, preprocess
+
+    download.main([])
+    first = collect(workdir / "data/feedback", 150, seed=1)
+    preprocess.main([])
+    held_before = load_stored_split("data/processed", "feedback")
+    collect(workdir / "data/feedback", 150, seed=2)  # 150 more
+    preprocess.main([])
+    held_after = load_stored_split("data/processed", "feedback")
+    before = {image.tobytes() for image in held_before[0]}
+    after = {image.tobytes() for image in held_after[0]}
+    assert before < after  # every picture held out before still is; some new ones joined
+    # The rule: the first 32 bits of the hash below holdout * 2**32 (about 20% at 0.2).
+    assert len(before) == sum(feedback_held_out(name, 0.2) for name in first)
+    assert 0.1 < len(after) / 300 < 0.3
+    assert [feedback_held_out(n, 0.0) for n in first] == [False] * 150
+    assert all(feedback_held_out(n, 0.5) for n in first if feedback_held_out(n, 0.2))
+
+
+# --- preprocess: the byte-identical default, and the splits with feedback -----------------
+
+def processed_bytes() -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(Path("data/processed").iterdir())}
+
+
+def test_with_no_or_an_empty_feedback_folder_preprocess_writes_exactly_the_files_of_before(prepared):
+    from stages import feedback, preprocess
+
+    # `prepared` ran preprocess with no data/feedback at all: today's outputs.
+    without = processed_bytes(), (prepared / "metrics/data.json").read_bytes()
+    assert sorted(without[0]) == sorted(f"{s}_{p}.npy" for s in ("train", "val", "test") for p in ("images", "labels"))
+    assert set(json.loads(without[1])) == {"train", "val", "test"}
+    feedback.main([])  # a fresh clone's repro: the stage makes the folder with labels.csv's header only
+    assert labels_csv(prepared / "data/feedback") == "file,label\n"
+    assert json.loads((prepared / "metrics/feedback.json").read_text())["pictures"] == 0
+    preprocess.main([])
+    assert (processed_bytes(), (prepared / "metrics/data.json").read_bytes()) == without
+
+
+def test_preprocess_adds_each_training_picture_repeat_times_and_holds_out_the_rest(prepared):
+    from stages import preprocess
+
+    train_before = load_stored_split("data/processed", "train")
+    collected = collect(prepared / "data/feedback", 40)
+    preprocess.main([])
+    names, images, labels = load_feedback(prepared / "data/feedback")
+    held = np.array([feedback_held_out(name, 0.2) for name in names])
+    assert 0 < held.sum() < 40 and sorted(collected) == names
+    repeat = 10  # params.yaml's preprocess.feedback.repeat
+    train_images, train_labels = load_stored_split("data/processed", "train")
+    n = len(train_before[1])
+    assert np.array_equal(train_images[:n], train_before[0]) and np.array_equal(train_labels[:n], train_before[1])
+    assert np.array_equal(train_images[n:], np.tile(images[~held], (repeat, 1, 1)))
+    assert np.array_equal(train_labels[n:], np.tile(labels[~held], repeat))
+    test_images, test_labels = load_stored_split("data/processed", "feedback")
+    assert np.array_equal(test_images, images[held]) and np.array_equal(test_labels, labels[held])
+    summary = json.loads((prepared / "metrics/data.json").read_text())
+    assert summary["feedback"]["count"] == held.sum() and summary["feedback_train"]["repeat"] == repeat
+    assert summary["feedback_train"]["count"] == (~held).sum() and summary["train"]["count"] == len(train_labels)
+
+    # All collected pictures removed again: the feedback split goes with them.
+    for path in (prepared / "data/feedback").glob("*.png"):
+        path.unlink()
+    (prepared / "data/feedback" / FEEDBACK_LABELS).write_text("file,label\n")
+    preprocess.main([])
+    assert not any(path.exists() for path in split_paths("data/processed", "feedback"))
+    assert np.array_equal(load_stored_split("data/processed", "train")[1], train_before[1])
+
+
+def test_train_and_fit_learn_bit_identical_weights_with_feedback(prepared):
+    import torch
+
+    from mnist_dvc.data import load_split
+    from mnist_dvc.params import load_section
+    from stages import fit as fit_stage
+    from stages import preprocess
+    from stages import train as train_stage
+
+    collect(prepared / "data/feedback", 30)
+    preprocess.main([])
+    train_split, val_split = load_split("data/processed", "train"), load_split("data/processed", "val")
+    model_params, train_params = load_section("model"), load_section("train")
+    loop = train_stage.train(model_params, train_params, train_split, val_split)
+    net = fit_stage.fit(model_params, train_params, train_split, val_split)
+    for (name, a), b in zip(loop.state_dict().items(), net.module_.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# --- the feedback stage -------------------------------------------------------------------
+
+def dvc_add_record(folder, nfiles: int) -> None:
+    """data/feedback.dvc as `dvc add data/feedback` writes it (the md5 plays no part here)."""
+    folder.with_name("feedback.dvc").write_text(
+        f"outs:\n- md5: {'0' * 32}.dir\n  size: 1000\n  nfiles: {nfiles}\n  hash: md5\n  path: feedback\n")
+
+
+@pytest.mark.parametrize("state", ["folder absent", "labels.csv only", "a picture absent"])
+def test_a_committed_but_not_pulled_collection_stops_the_feedback_stage_in_one_line(workdir, state, capsys):
+    from stages import feedback
+
+    folder = workdir / "data/feedback"
+    collected = collect(folder, 3)
+    dvc_add_record(folder, 4)
+    if state == "folder absent":
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    elif state == "labels.csv only":
+        for name in collected:
+            (folder / name).unlink()
+        (folder / FEEDBACK_LABELS).write_text("file,label\n")
+    else:
+        (folder / next(iter(collected))).unlink()
+    with pytest.raises(StageError) as caught:
+        feedback.main([])
+    assert str(caught.value) == ("data/feedback.dvc is committed but its data is not here: "
+                                 "run `dvc pull data/feedback.dvc`")
+    assert not (workdir / "metrics/feedback.json").exists()
+
+
+def test_the_feedback_stage_records_what_was_collected(workdir):
+    from stages import feedback
+
+    collect(workdir / "data/feedback", 12)
+    dvc_add_record(workdir / "data/feedback", 13)
+    feedback.main([])
+    record = json.loads((workdir / "metrics/feedback.json").read_text())
+    assert record == {"pictures": 12, "per_class": {str(d): 2 if d < 2 else 1 for d in range(10)}}
