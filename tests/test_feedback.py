@@ -260,3 +260,115 @@ def test_the_feedback_stage_records_what_was_collected(workdir):
     feedback.main([])
     record = json.loads((workdir / "metrics/feedback.json").read_text())
     assert record == {"pictures": 12, "per_class": {str(d): 2 if d < 2 else 1 for d in range(10)}}
+
+
+# --- the endpoint, in process (httpx's ASGI transport) over the reproduced models -----------
+
+@pytest.fixture(scope="module")
+def predictor(reproduced):
+    from mnist_dvc.apps.inference import Predictor
+
+    return Predictor(reproduced)
+
+
+def ask(app, requests: list[dict]) -> list:
+    """``requests`` (httpx.AsyncClient.request keywords) sent to ``app`` all at once, in process."""
+    import asyncio
+
+    import httpx
+
+    async def send_all():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await asyncio.gather(*(client.request(**request) for request in requests))
+    return asyncio.run(send_all())
+
+
+def correction(picture: bytes, label=None, content_type: str = "image/png") -> dict:
+    params = {} if label is None else {"label": label}
+    return {"method": "POST", "url": "/api/feedback", "params": params, "content": picture,
+            "headers": {"Content-Type": content_type}}
+
+
+def test_corrections_over_http_are_stored_once_201_then_200_with_the_stored_input(predictor, tmp_path):
+    from helpers import scanned_digits
+
+    from mnist_dvc.apps.images import to_mnist
+    from mnist_dvc.apps.serve import create_app
+
+    app = create_app(predictor, FeedbackStore(tmp_path / "feedback"))
+    scans = scanned_digits(6)
+    # Six clients at once, each picture sent twice: 6 new (201), then 6 already had (200).
+    first = ask(app, [correction(scan, label=d) for d, scan in enumerate(scans)])
+    again = ask(app, [correction(scan, label=(d + 1) % 10) for d, scan in enumerate(scans)])
+    assert [r.status_code for r in first] == [201] * 6 and [r.status_code for r in again] == [200] * 6
+    assert sorted(r.json()["stored"] for r in first) == [1, 2, 3, 4, 5, 6]
+    labels = read_feedback_labels(tmp_path / "feedback")
+    for d, (scan, response) in enumerate(zip(scans, again)):
+        answer = response.json()
+        assert answer == {"file": first[d].json()["file"], "label": (d + 1) % 10, "stored": 6}
+        assert labels[answer["file"]] == (d + 1) % 10
+        assert (tmp_path / "feedback" / answer["file"]).read_bytes() == to_png(to_mnist(scan))
+    health = ask(app, [{"method": "GET", "url": "/api/health"}])[0].json()
+    assert health["collect"] == {"folder": str(tmp_path / "feedback"), "limit": 10_000}
+
+
+def test_without_collect_nothing_is_stored_and_the_answer_says_how_to_turn_it_on(predictor, tmp_path, monkeypatch):
+    from helpers import scanned_digits
+
+    from mnist_dvc.apps.serve import create_app
+
+    monkeypatch.chdir(tmp_path)
+    app = create_app(predictor)
+    response = ask(app, [correction(scanned_digits(1)[0], label=3)])[0]
+    assert response.status_code == 403 and "start it with --collect DIR" in response.json()["error"]
+    assert list(tmp_path.iterdir()) == []
+    assert ask(app, [{"method": "GET", "url": "/api/health"}])[0].json()["collect"] is None
+
+
+@pytest.mark.parametrize("request_, status, reason", [
+    ({"label": None}, 422, "missing label"),
+    ({"label": "10"}, 422, "label '10' is not a digit 0-9"),
+    ({"label": "-1"}, 422, "is not a digit 0-9"),
+    ({"label": "seven"}, 422, "is not a digit 0-9"),
+    ({"label": "3", "picture": b"not a picture"}, 422, "not"),
+    ({"label": "3", "picture": b""}, 422, "empty"),
+    ({"label": "3", "picture": "blank"}, 422, "no digit"),
+    ({"label": "3", "content_type": "text/plain"}, 415, "unsupported content type"),
+    ({"label": "3", "picture": b"\0" * 2_000_001}, 413, "larger than the limit"),
+], ids=["missing", "10", "negative", "word", "not-a-picture", "empty", "blank", "text", "too-large"])
+def test_every_bad_correction_gets_a_4xx_with_its_reason_and_stores_nothing(predictor, tmp_path, request_,
+                                                                            status, reason):
+    from helpers import encode, scanned_digits
+
+    from mnist_dvc.apps.serve import create_app
+
+    picture = request_.get("picture", scanned_digits(1)[0])
+    if picture == "blank":
+        picture = encode(Image.new("L", (100, 100), 255))
+    app = create_app(predictor, FeedbackStore(tmp_path))
+    response = ask(app, [correction(picture, request_["label"], request_.get("content_type", "image/png"))])[0]
+    assert response.status_code == status and reason in response.json()["error"], response.text
+    assert read_feedback_labels(tmp_path) == {} and [p.name for p in tmp_path.iterdir()] == [FEEDBACK_LABELS]
+
+
+def test_a_full_collection_gets_a_409_and_still_takes_relabels(predictor, tmp_path):
+    from helpers import scanned_digits
+
+    from mnist_dvc.apps.serve import create_app
+
+    app = create_app(predictor, FeedbackStore(tmp_path, limit=2))
+    scans = scanned_digits(3)
+    assert [r.status_code for r in ask(app, [correction(s, label=1) for s in scans[:2]])] == [201, 201]
+    full = ask(app, [correction(scans[2], label=1)])[0]
+    assert full.status_code == 409 and "full (2 pictures)" in full.json()["error"]
+    assert ask(app, [correction(scans[0], label=8)])[0].status_code == 200
+    assert sorted(read_feedback_labels(tmp_path).values()) == [1, 8]
+
+
+def test_serve_refuses_a_collect_limit_below_one_in_one_line(capsys):
+    from mnist_dvc.apps import serve
+
+    with pytest.raises(SystemExit) as caught:
+        serve.main(["--collect", "x", "--collect-limit", "0"])
+    assert caught.value.code == 2 and "--collect-limit: 0 is below 1" in capsys.readouterr().err

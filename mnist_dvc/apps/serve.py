@@ -1,6 +1,7 @@
 """serve: draw a digit in the browser; both trained models read it as you draw.
 
     python -m mnist_dvc.apps.serve [--host 127.0.0.1] [--port 8000] [--root DIR] [--onnx]
+                                   [--collect DIR [--collect-limit N]]
     make serve
 
 A FastAPI app on uvicorn. Both models are loaded once, at start-up (an
@@ -14,8 +15,16 @@ listening, with one line saying to run ``dvc repro`` or ``dvc pull``.
   as a form's ``file`` field; answers ``{"manual": {"digit", "probabilities"},
   "skorch": {...}, "input": 28 rows of 28 floats}`` (``predict --json``'s answer
   for a picture, without ``path``, plus the 28x28 input the models saw);
+- ``POST /api/feedback?label=N``: a correction, the same picture body as
+  ``/api/predict``, stored as its 28x28 input with label N in the ``--collect``
+  folder (``mnist_dvc/apps/feedback.py``, docs/feedback.md); 201 for a new
+  picture, 200 for one already stored (its label replaced), with ``{"file",
+  "label", "stored"}``. Without ``--collect`` nothing is stored: a 403 says
+  how to turn collection on. A missing or bad label is a 422, a full
+  collection (``--collect-limit``) a 409;
 - ``GET /api/health``: the backend, each model's file, sha256 and test
-  accuracy (metrics/evaluate.json).
+  accuracy (metrics/evaluate.json), and ``collect``: the folder corrections
+  are saved in, or null (the page says so, and shows its buttons, only then).
 
 Bad input is answered with a 4xx and ``{"error": "one sentence"}``, never a
 500: a body over ``MAX_BODY`` bytes gets 413 (FastAPI's ``max_body_size``;
@@ -51,7 +60,8 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from mnist_dvc.data import IMAGE_SIDE
+from mnist_dvc.data import IMAGE_SIDE, N_CLASSES
+from mnist_dvc.apps.feedback import DEFAULT_LIMIT, FeedbackStore, StoreFull
 from mnist_dvc.apps.images import ImageError, to_mnist, to_png
 from mnist_dvc.apps.inference import MODELS, Predictor, describe
 from mnist_dvc.stage import StageError
@@ -138,8 +148,11 @@ def refuse_declared_oversize(app: FastAPI):
     return checked
 
 
-def create_app(predictor: Predictor):
-    """The ASGI app over loaded models: FastAPI with its body-size limit, behind the declared-size check."""
+def create_app(predictor: Predictor, store: FeedbackStore | None = None):
+    """The ASGI app over loaded models: FastAPI with its body-size limit, behind the declared-size check.
+
+    ``store``: where ``POST /api/feedback`` saves corrections (``--collect``); None stores nothing.
+    """
     hashes, accuracy = predictor.file_hashes(), predictor.test_accuracy()
     backend = "onnx" if predictor.onnx else "pytorch"
     health = json.dumps({
@@ -149,6 +162,7 @@ def create_app(predictor: Predictor):
         "models": {name: {"description": NAMES[name], "file": predictor.files[name],
                           "sha256": hashes[name], "test_accuracy": accuracy[name]}
                    for name in MODELS},
+        "collect": None if store is None else {"folder": str(store.folder), "limit": store.limit},
     }).encode()
     page = (STATIC / "index.html").read_bytes()
 
@@ -201,6 +215,34 @@ def create_app(predictor: Predictor):
         answer["input"] = image.tolist()
         return Response(json.dumps(answer).encode(), media_type="application/json")
 
+    @app.post("/api/feedback")
+    async def feedback(request: Request) -> Response:
+        """Store a correction: the picture (as for /api/predict) and its right digit, ``?label=N``."""
+        if store is None:
+            return error(403, "this server does not collect corrections: start it with --collect DIR "
+                              "(e.g. make serve SERVE_ARGS=\"--collect data/feedback\")")
+        label = request.query_params.get("label")
+        if label is None:
+            return error(422, "missing label: send the right digit as POST /api/feedback?label=N, N in 0-9")
+        if label not in {str(digit) for digit in range(N_CLASSES)}:
+            return error(422, f"label {label[:20]!r} is not a digit 0-9")
+        try:
+            data = await image_bytes(request)
+        except ClientDisconnect:
+            return error(400, "the upload was cut off before its end")
+        try:
+            image = to_mnist(data)
+        except ImageError as exc:
+            return error(422, str(exc))
+        try:
+            stored = store.add(image, int(label))
+        except StoreFull as exc:
+            return error(409, str(exc))
+        except (OSError, StageError) as exc:  # the disk, or labels.csv changed by hand: not the request's fault
+            return error(507, f"the correction could not be saved in {store.folder}: {exc}")
+        return JSONResponse({"file": stored.file, "label": stored.label, "stored": stored.stored},
+                            status_code=201 if stored.created else 200)
+
     app.mount("/static", Static(directory=STATIC), name="static")
     return refuse_declared_oversize(app)
 
@@ -230,6 +272,17 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_dvc.apps.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, "
@@ -238,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("."), metavar="DIR",
                         help="the project folder holding models/, params.yaml and metrics/ (default: .)")
     parser.add_argument("--onnx", action="store_true", help="use models/*.onnx with ONNX Runtime instead of PyTorch")
+    parser.add_argument("--collect", type=Path, metavar="DIR",
+                        help="save the corrections people send (POST /api/feedback) in DIR, e.g. data/feedback; "
+                             "without it nothing is stored")
+    parser.add_argument("--collect-limit", type=positive, default=DEFAULT_LIMIT, metavar="N",
+                        help=f"the most pictures --collect keeps (default: {DEFAULT_LIMIT})")
     args = parser.parse_args(argv)
 
     try:
         predictor = Predictor(args.root, onnx=args.onnx, threads=1)
         warm_up(predictor)
-        server = uvicorn_server(create_app(predictor))
+        store = None if args.collect is None else FeedbackStore(args.collect, args.collect_limit)
+        server = uvicorn_server(create_app(predictor, store))
         sock = listen(args.host, args.port)
         # The ~250,000 objects of torch, FastAPI and the models live as long as the process:
         # out of the garbage collector's view, a full collection no longer stalls a request ~0.1 s.
@@ -264,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                          if value is not None)
     print(f"mnist-dvc: {'ONNX Runtime' if args.onnx else 'PyTorch'} models from {args.root.resolve()}"
           + (f" (test accuracy: {accuracy})" if accuracy else ""))
+    if store is not None:
+        print(f"Saving corrections in {store.folder} ({store.count()} so far, at most {store.limit})")
     print(f"Serving on http://{url_host}:{port}/ (Ctrl+C to stop)", flush=True)
     try:
         server.run(sockets=[sock])

@@ -38,6 +38,8 @@
   let encoding = 0;            // canvas PNGs being made
   let maxBytes = 2000000;      // updated from /api/health
   let pictureUrl = null;
+  let collecting = false;      // the server saves corrections (serve --collect): from /api/health
+  let answered = null;         // {body, type, digit} of the picture the shown answer is for
 
   // --- results: bars and 28x28 view -------------------------------------------
 
@@ -101,6 +103,64 @@
     drawInput(answer.input);
   }
 
+  // --- corrections (only where the server was started with --collect) ----------
+
+  const feedback = $("feedback");
+  const feedbackRight = $("feedback-right");
+  const feedbackStatus = $("feedback-status");
+  const digitButtons = [];
+  for (let d = 0; d < 10; d++) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "button digit-button";
+    button.textContent = String(d);
+    button.disabled = true;
+    button.addEventListener("click", () => sendCorrection(d));
+    digitButtons.push(button);
+  }
+  $("feedback-digits").append(...digitButtons);
+  feedbackRight.addEventListener("click", () => { if (answered) sendCorrection(answered.digit); });
+
+  function offerFeedback(body, type, answer) {
+    const [a, b] = MODELS.map((name) => answer[name].digit);
+    // "Right" only where both models agree: otherwise the person picks the digit.
+    answered = { body, type, digit: a === b ? a : null };
+    feedbackRight.hidden = answered.digit === null;
+    feedbackRight.textContent = `Right: it is ${a}`;
+    for (const button of [feedbackRight, ...digitButtons]) button.disabled = false;
+    feedbackStatus.textContent = "";
+    feedbackStatus.classList.remove("error");
+  }
+
+  function withdrawFeedback() {
+    answered = null;
+    for (const button of [feedbackRight, ...digitButtons]) button.disabled = true;
+  }
+
+  async function sendCorrection(digit) {
+    const sent = answered;
+    if (!sent) return;
+    withdrawFeedback();
+    feedbackStatus.classList.remove("error");
+    feedbackStatus.textContent = "Saving…";
+    try {
+      const response = await fetch(`/api/feedback?label=${digit}`, {
+        method: "POST", body: sent.body, headers: { "Content-Type": sent.type },
+      });
+      const data = await response.json().catch(() => ({}));
+      if (response.ok) {
+        feedbackStatus.textContent = (response.status === 201 ? `Saved as ${data.label}` : `Already saved; now labelled ${data.label}`) +
+          ` (${data.stored} on this server). Thank you.`;
+      } else {
+        feedbackStatus.textContent = `Not saved: ${data.error || `${response.status} ${response.statusText}`}.`;
+        feedbackStatus.classList.add("error");
+      }
+    } catch (err) {
+      feedbackStatus.textContent = "Not saved: cannot reach the server.";
+      feedbackStatus.classList.add("error");
+    }
+  }
+
   function drawInput(rows) {
     const image = input28.createImageData(28, 28);
     for (let r = 0; r < 28; r++) {
@@ -115,6 +175,10 @@
   }
 
   function resetAnswer(message) {
+    if (collecting) {
+      withdrawFeedback();
+      feedbackStatus.textContent = "";
+    }
     for (const name of MODELS) {
       const panel = panels[name];
       panel.digit.textContent = "–";
@@ -153,6 +217,7 @@
       if (id !== requestId) return;  // a newer drawing is on its way
       if (response.ok) {
         showAnswer(data);
+        if (collecting) offerFeedback(body, type || "application/octet-stream", data);
         setStatus(picture.hidden ? "Keep drawing, or Clear to start again."
                                  : `${picture.dataset.name}: draw on the square to start again.`);
       } else {
@@ -437,6 +502,14 @@
       info.textContent = `Backend: ${health.backend === "onnx" ? "ONNX Runtime" : "PyTorch"}. ` +
                          `Models: ${parts.join("; ")}.`;
       info.title = MODELS.map((name) => `${name}: sha256 ${health.models[name].sha256}`).join("\n");
+      if (health.collect) {
+        collecting = true;
+        feedback.hidden = false;
+        const note = $("collect-note");
+        note.textContent = `Corrections are saved on this server, in ${health.collect.folder}: ` +
+          "when you press Right or a digit, the 28×28 input above and its digit are kept to retrain the models.";
+        note.hidden = false;
+      }
     } catch (err) {
       info.textContent = "The server did not say which models it runs.";
     }
