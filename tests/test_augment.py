@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from skorch.dataset import Dataset
 
-from conftest import tiny_mnist_arrays
+from helpers import tiny_mnist_arrays
 from mnist_dvc.augment import augment_batch, augment_generator
 from mnist_dvc.skorch_net import TensorBatches
 

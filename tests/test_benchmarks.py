@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_epoch_speed_benchmark_times_all_four_ways_on_the_fixture_data(mirror):

@@ -42,7 +42,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from test_serve import canvas_stroke, scanned_digits, start_server  # noqa: E402
+from helpers import canvas_stroke, scanned_digits, start_server  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

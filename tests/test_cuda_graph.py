@@ -11,9 +11,8 @@ import warnings
 
 import pytest
 import torch
-import yaml
 
-from conftest import REPO, sections_with
+from helpers import REPO, edit_params, sections_with
 from mnist_dvc.data import load_split
 from mnist_dvc.model import build_mlp, build_optimizer, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
@@ -135,10 +134,6 @@ def test_an_epoch_of_graph_replays_syncs_with_the_host_once_at_its_end():
 
 @needs_cuda
 def test_tune_runs_its_fits_on_the_gpu_in_two_worker_processes(prepared):
-    path = prepared / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params["train"]["device"] = "cuda"
-    params["tune"]["n_jobs"] = 2
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(prepared / "params.yaml", {"train.device": "cuda", "tune.n_jobs": 2})
     tune.main([f"--metrics={prepared}/tune.json", f"--results={prepared}/tune.csv", f"--plot={prepared}/tune.png"])
     assert json.loads((prepared / "tune.json").read_text())["best_score"] > 0.5

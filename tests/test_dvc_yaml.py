@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = PIPELINE["stages"]

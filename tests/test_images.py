@@ -11,28 +11,20 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile
 from threadpoolctl import threadpool_limits
 
-from conftest import tiny_mnist_arrays
+from helpers import encode, png_header_only, tiny_mnist_arrays
 from mnist_dvc.apps.images import CENTRE, MAX_PIXELS, ImageError, load_image, to_mnist, to_png
 
 N_DIGITS = 60  # of the fixture's test digits: 9 variants x 60 = 540 pictures, a few seconds
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
 
 def enlarge(digit: np.ndarray, scale: int = 6, canvas=(240, 210), at=(40, 15)) -> np.ndarray:
     """The 28x28 uint8 digit enlarged smoothly and placed off-centre on a bigger black canvas; float [0, 1]."""
@@ -505,14 +497,6 @@ def test_only_noise_or_a_lighting_gradient():
     one_pixel = np.full((300, 400), 255, np.uint8)
     one_pixel[100, 100] = 0
     assert_refused(encode(Image.fromarray(one_pixel)), "no digit found")
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims ``width`` x ``height`` (1-bit grey) and holds a few bytes of pixel data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
 
 
 def test_decompression_bomb_is_refused_from_its_header():

@@ -8,13 +8,14 @@ these messages are what a user sees after a typo in params.yaml or in
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import BaseModel
 
-from conftest import REPO, run_stage_script
+from helpers import REPO, edit_params, run_stage_script, set_key
 from mnist_dvc.params import SECTIONS, load_section
 from mnist_dvc.stage import StageError
 
@@ -58,6 +59,13 @@ BAD_VALUES = [
     ("preprocess.seed", -1, ["greater than or equal to 0"]),
     ("preprocess.seed", 1.5, ["valid integer"]),
     ("preprocess.seed", 2**32, ["less than or equal to 4294967295"]),
+    ("preprocess.feedback", 10, ["valid dictionary"]),
+    ("preprocess.feedback.repeat", 0, ["greater than or equal to 1"]),
+    ("preprocess.feedback.repeat", 1001, ["less than or equal to 1000"]),
+    ("preprocess.feedback.repeat", 2.5, ["valid integer"]),
+    ("preprocess.feedback.holdout", 1.0, ["less than 1"]),
+    ("preprocess.feedback.holdout", -0.1, ["greater than or equal to 0"]),
+    ("preprocess.feedback.holdout", "0.2", ["valid number"]),
     # model
     ("model.hidden", [], ["at least 1 item"]),
     ("model.hidden", [128, 0], ["greater than or equal to 1"], "model.hidden[1] = 0"),
@@ -127,14 +135,6 @@ BAD_VALUES = [
 ]
 
 
-def set_key(params: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = params
-    for part in parents:
-        node = node[part]
-    node[last] = value
-
-
 def write(tmp_path: Path, params: dict) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -142,9 +142,10 @@ def write(tmp_path: Path, params: dict) -> Path:
 
 
 def with_value(tmp_path: Path, dotted: str, value) -> Path:
-    params = copy.deepcopy(REPO_PARAMS)
-    set_key(params, dotted, value)
-    return write(tmp_path, params)
+    path = tmp_path / "params.yaml"
+    shutil.copyfile(REPO / "params.yaml", path)
+    edit_params(path, {dotted: value})
+    return path
 
 
 def load_error(path: Path, section: str) -> str:
@@ -220,7 +221,7 @@ def test_missing_key_is_rejected_naming_the_full_key(tmp_path, key):
         ("download.mirror", "mirrors, md5, retries, timeout, backoff"),
         ("download.md5.train_image", "train_images, train_labels, test_images, test_labels"),
         ("tune.grid.epochs", "lr, hidden, max_epochs"),
-        ("preprocess.val_fraction", "val_size, seed"),
+        ("preprocess.val_fraction", "val_size, seed, feedback"),
     ],
 )
 def test_unknown_key_typo_is_rejected_listing_the_allowed_keys(tmp_path, key, allowed):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from mnist_dvc.data import save_split
 from mnist_dvc.stage import StageError, write_csv
 from stages import plot

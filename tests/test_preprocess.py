@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import N_TRAIN, RAW_FILES, tiny_mnist_arrays, write_idx, write_mirror, write_params
-from mnist_dvc.data import load_split, load_stored_split, split_paths
+from helpers import N_TRAIN, tiny_mnist_arrays, write_idx, write_mirror, write_params
+from mnist_dvc.data import RAW_FILES, load_split, load_stored_split, split_paths
 from mnist_dvc.stage import StageError
 from stages import preprocess
 

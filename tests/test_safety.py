@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DVC, dvc, run_stage_script, stage_command, stage_env, tool_env, write_params
+from helpers import DVC, checkout_env, dvc, run_stage_script, stage_command, tool_env, write_params
 from mnist_dvc.model import MLP
 from stages import fit as fit_stage
 from stages import train as train_stage
@@ -80,7 +80,7 @@ def test_an_interrupted_training_keeps_the_previous_model_and_metrics_and_leaves
     assert good_metrics
     folder, md5 = mirror
     write_params(prepared, folder.as_uri() + "/", md5, train__epochs=1000)
-    process = subprocess.Popen(stage_command(stage), cwd=prepared, env=stage_env(),
+    process = subprocess.Popen(stage_command(stage), cwd=prepared, env=checkout_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: epochs_logged(prepared, stage) >= 2, 60, "two epochs of the long run")

@@ -7,7 +7,6 @@ remote is a bare repository on disk. Every command is the real `git` / `dvc`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -18,11 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DVC, dvc, ran_stages, sh, tool_env
-from s3server import s3_remote, s3_server  # noqa: F401  (fixtures)
+from helpers import ALWAYS_RUN, DVC, dvc, md5_of, ran_stages, sh, tool_env
 
 pytestmark = pytest.mark.e2e
-UP_TO_DATE = "Data and pipelines are up to date"
 QUEUE_TIMEOUT = 8 * 60  # seconds for the queued grid to finish
 
 
@@ -49,8 +46,8 @@ def lock_outs(repo: Path) -> dict[str, dict]:
 def tree(path: Path) -> dict[str, str]:
     """md5 of each file at or under ``path``, by path relative to it ("" for a file)."""
     if path.is_file():
-        return {"": hashlib.md5(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.md5(p.read_bytes()).hexdigest()
+        return {"": md5_of(path)}
+    return {str(p.relative_to(path)): md5_of(p)
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
@@ -80,8 +77,8 @@ def experiments(repo: Path) -> list[dict]:
 
 
 def assert_clean_and_nothing_to_run(repo: Path) -> None:
-    status = dvc("status", cwd=repo, timeout=120)
-    assert UP_TO_DATE in status.stdout, status.stdout
+    status = json.loads(dvc("status", "--json", cwd=repo, timeout=120).stdout)
+    assert status == {name: ["always changed"] for name in ALWAYS_RUN}, status
     repro = dvc("repro", cwd=repo, timeout=300)
     assert ran_stages(repro.stdout) == set(), repro.stdout
 

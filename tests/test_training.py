@@ -10,7 +10,7 @@ from torch import nn
 
 from pathlib import Path
 
-from conftest import REPO, sections_with
+from helpers import REPO, sections_with
 from mnist_dvc.data import load_split
 from mnist_dvc.model import MLP, build_mlp, load_mlp, load_trained, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
