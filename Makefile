@@ -5,13 +5,14 @@
 #   make predict IMAGES="a.png b.jpg"   classify your own pictures with both models
 #   make serve   the web app over the trained models: http://127.0.0.1:8000
 #   make best    the best recipe (>= 0.99 test accuracy) as the named experiment "best"
+#   make report REVS="HEAD exp-a"   compare revisions on one page: reports/report.html (and .md)
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 # Make the venv's python the `python` that dvc.yaml's commands run.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro predict serve best test bench bench-pipeline bench-serve bench-cluster clean-venv
+.PHONY: setup repro predict serve best report test bench bench-pipeline bench-serve bench-cluster clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,11 @@ BEST := -S 'model.hidden=[800]' -S train.epochs=30 -S train.batch_size=128 -S tr
 	-S train.schedule=onecycle -S train.warmup=0.25 -S train.augment.shift=2 -S train.augment.rotate=10
 best: $(VENV)/.installed
 	$(BIN)/dvc exp run -n best $(BEST)
+
+# Revisions side by side (docs/experiments.md#compare-results-at-a-glance): commits, branches,
+# tags, experiment names; the first is the baseline. No REVS: HEAD against the workspace.
+report: $(VENV)/.installed
+	$(BIN)/python -m mnist_dvc.apps.report $(REVS) $(if $(OUT),--out $(OUT))
 
 # Draw a digit in the browser; SERVE_ARGS="--onnx --port 8080" passes options.
 serve: $(VENV)/.installed
