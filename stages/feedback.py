@@ -5,6 +5,8 @@ In:  data/feedback/ (labels.csv and <sha256>.png, written by
      once the collection is versioned (`dvc add data/feedback`).
 Out: data/feedback/labels.csv with its header only, where nothing was
      collected and there is no data/feedback.dvc (a fresh clone);
+     /feedback in data/.gitignore, where it is missing: the pictures are
+     versioned by DVC, never committed to git by a `git add -A`;
      metrics/feedback.json   {"pictures": N, "per_class": {"0": n, ...}}
 
 preprocess depends on data/feedback, and a DVC dependency must exist: this
@@ -55,6 +57,15 @@ def check_pulled(folder: Path, dvc_file: Path, labels: dict[str, int]) -> None:
         raise StageError(f"{dvc_file} is committed but its data is not here: run `dvc pull {dvc_file}`")
 
 
+def ignore_in_git(folder: Path) -> None:
+    """Add ``/<folder name>`` to the .gitignore beside ``folder`` where it is missing, as `dvc add` would."""
+    gitignore, entry = folder.parent / ".gitignore", f"/{folder.name}"
+    text = gitignore.read_text(encoding="utf-8") if gitignore.exists() else ""
+    if entry not in text.splitlines():
+        with atomic_path(gitignore) as tmp:
+            tmp.write_text(text + ("\n" if text and not text.endswith("\n") else "") + entry + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=Path("data/feedback"))
@@ -75,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (folder / FEEDBACK_LABELS).exists():
             with atomic_path(folder / FEEDBACK_LABELS) as tmp:
                 tmp.write_text(format_feedback_labels({}))
+        ignore_in_git(folder)
     per_class = [0] * N_CLASSES
     for label in labels.values():
         per_class[label] += 1

@@ -166,6 +166,7 @@ def test_with_no_or_an_empty_feedback_folder_preprocess_writes_exactly_the_files
     assert set(json.loads(without[1])) == {"train", "val", "test"}
     feedback.main([])  # a fresh clone's repro: the stage makes the folder with labels.csv's header only
     assert labels_csv(prepared / "data/feedback") == "file,label\n"
+    assert (prepared / "data/.gitignore").read_text().splitlines()[-1] == "/feedback"  # never in git by accident
     assert json.loads((prepared / "metrics/feedback.json").read_text())["pictures"] == 0
     preprocess.main([])
     assert (processed_bytes(), (prepared / "metrics/data.json").read_bytes()) == without
