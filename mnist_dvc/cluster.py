@@ -1,26 +1,31 @@
-"""Run the tune stage's grid search on a Dask cluster, through joblib's ``dask`` backend.
+"""Run the tune stage's grid search on a Dask cluster: one ``Client.submit`` task per fit.
 
 The scheduler's address comes the way Dask users give it: the
 ``DASK_SCHEDULER_ADDRESS`` environment variable (Dask's own config key
 ``scheduler-address``), or the tune stage's ``--scheduler`` option. Without
-one, tune uses nothing here but ``scheduler_address`` and never imports Dask.
+one, tune uses nothing here but ``scheduler_address`` and never imports Dask,
+which is an optional extra: ``pip install -e '.[cluster]'``.
 
 With one, ``fit_on_cluster`` connects a ``distributed.Client``, ships this
 package to the scheduler and workers (they have the project's dependencies,
-not this checkout), and runs ``search.fit`` on joblib's ``dask`` backend:
-GridSearchCV's fits become Dask tasks. The training data and the folds'
-indices go to the cluster once, as the results of tasks that the fits
-depend on: workers fetch them from each other, and Dask can recompute them, so a
-worker that dies loses nothing; Dask reruns its fits on the others. Each fit
-seeds and pins itself (``ReproducibleFit``), so the results are
-byte-identical to a local run.
+not this checkout) through Dask's upload plugins, and submits one task per
+grid point and fold: what GridSearchCV's fits would be, cloned, parametrised,
+fitted and scored the same way (``fit_and_score``). Their scores make the
+``cv_results_`` that GridSearchCV would compute (``search_results``), so the
+outputs are byte-identical to a local run. Every fit seeds and pins itself
+(``ReproducibleFit``).
 
-A task that fails on the cluster rather than in the fit (the scheduler or a
-worker cannot unpickle it, a worker dies on it ``allowed-failures`` times,
-the cluster cancels it) ends the stage with a StageError, and so does a
-cluster left without workers (``watch_workers``). With joblib's own dask
-backend the search waited for such a task forever: ``_backend`` hands the
-failure to joblib like any other.
+The training data and the folds' indices go to the cluster once, as the
+results of small tasks that the fits depend on: workers fetch them from each
+other, and Dask can recompute them (scattered data it could not), so a worker
+that dies loses nothing; Dask reruns its fits on the others.
+
+Why not joblib's ``dask`` backend under GridSearchCV: joblib 1.6's backend
+waits forever for a task that Dask itself fails (``KilledWorker``, a task the
+scheduler cannot unpickle). A future from ``Client.submit`` raises that
+failure instead; here it ends the stage with one line, as does a cluster left
+without workers (``watch_workers``). An exception raised by a fit itself is
+raised as it would be locally.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ from mnist_dvc.stage import StageError
 ENV_VAR = "DASK_SCHEDULER_ADDRESS"
 CONNECT_TIMEOUT = "10s"  # an unreachable scheduler is reported within this (a LAN connects in far less)
 WORKERS_TIMEOUT = 30  # seconds without any worker before tune gives up (see workers_timeout)
+POLL = 0.1  # seconds between two looks at the finished fits (as_completed's own iterator polls as often)
 PACKAGE = Path(__file__).resolve().parent
 PLUGIN = "mnist_dvc-package"  # the name the package's upload plugins are registered under
+INSTALL = "pip install -e '.[cluster]'"
 
 
 def scheduler_address(option: str | None) -> str | None:
@@ -109,10 +116,16 @@ def quiet_distributed():
 
 
 def connect(address: str):
-    """A ``distributed.Client`` for ``address``, or a one-line StageError within CONNECT_TIMEOUT."""
-    from distributed import Client
-    from distributed.comm import get_address_host_port, parse_address
-    from distributed.comm.registry import get_backend
+    """A ``distributed.Client`` for ``address``, or a one-line StageError within CONNECT_TIMEOUT
+    (or at once, when Dask is not installed)."""
+    try:
+        from distributed import Client
+        from distributed.comm import get_address_host_port, parse_address
+        from distributed.comm.registry import get_backend
+    except ImportError:
+        raise StageError(f"tune was given a Dask scheduler ({address}) but Dask is not installed here; "
+                         f"unset {ENV_VAR} to run tune on this machine, or install the cluster extra: "
+                         f"{INSTALL}") from None
 
     with quiet_distributed():
         try:
@@ -127,90 +140,6 @@ def connect(address: str):
                 f"could not reach the Dask scheduler at {address} ({reason}); "
                 f"check the address and that `dask scheduler` runs there, or unset {ENV_VAR} "
                 f"to run tune on this machine") from None
-
-
-class ClusterTaskError(Exception):
-    """A grid-search task failed on the cluster itself, not in the code it runs."""
-
-
-def _backend(client, inputs: dict):
-    """joblib's dask backend for ``client``, with ``inputs`` (name -> array) sent
-    to the cluster once, and a task that fails on the cluster raising ClusterTaskError.
-
-    The inputs: joblib replaces an argument of a call by the future it finds
-    for it (by identity) in ``data_futures``; arguments it finds none for, it
-    scatters itself, once per ``Parallel`` call. Scattered data that dies
-    with its worker is lost for good (the tasks that need it are cancelled),
-    and the scheduler's Active Memory Manager keeps only as many replicas of
-    it as there are workers waiting for it. So each input here is instead the
-    result of a small task holding the array (``np.asarray``): Dask recomputes
-    a lost result on another worker. The client sends each array once; a
-    worker fetches it from a peer for a fit that needs it (again, if the
-    Active Memory Manager dropped its copy between two fits).
-
-    The failures: joblib's backend turns an exception raised by a fit into a
-    result that it raises in the search, as a local run would. A task that
-    Dask itself fails (``Future.status == "error"``: an unpicklable task, a
-    ``KilledWorker``) only set the exception of the future that ``submit``
-    returned, without the callback through which joblib learns that a task
-    is done: ``Parallel`` waited forever. Here that future's done-callback
-    passes the failure to the callback, and ``retrieve_result_callback``
-    raises it, as it does a task that Dask cancelled. ``fail_waiting`` fails
-    every call still running (the cluster has lost all its workers).
-    """
-    import asyncio
-    import concurrent.futures
-    import threading
-    import uuid
-    import warnings
-
-    import numpy as np
-    from joblib._dask import DaskDistributedBackend  # the class behind backend="dask"
-
-    class Backend(DaskDistributedBackend):
-        def __init__(self):
-            super().__init__(client=client)
-            run = uuid.uuid4().hex[:12]
-            with warnings.catch_warnings():  # "Sending large graph ...": on purpose, once per array
-                warnings.filterwarnings("ignore", message="Sending large graph")
-                self.data_futures = {id(array): client.submit(np.asarray, array, key=f"tune-{name}-{run}")
-                                     for name, array in inputs.items()}
-            self.inputs = inputs  # alive, so that their ids stay theirs
-            self.waiting, self.lock = {}, threading.Lock()  # call future -> joblib's callback
-
-        def effective_n_jobs(self, n_jobs):
-            # joblib runs the calls in this process when this is 1: a
-            # cluster of one single-thread worker would never be used.
-            return max(super().effective_n_jobs(n_jobs), 2)
-
-        def submit(self, func, callback=None):
-            future = super().submit(func, callback)
-            with self.lock:
-                self.waiting[future] = callback
-
-            def on_done(done):
-                with self.lock:
-                    self.waiting.pop(done, None)
-                if callback is not None and not done.cancelled() and done.exception() is not None:
-                    callback(ClusterTaskError(done.exception()))
-
-            future.add_done_callback(on_done)
-            return future
-
-        def retrieve_result_callback(self, out):
-            # A task Dask cancelled (lost scheduler, lost data) comes as a
-            # result: distributed's FutureCancelledError, or asyncio's.
-            if isinstance(out, (concurrent.futures.CancelledError, asyncio.CancelledError)):
-                raise ClusterTaskError(out)
-            return super().retrieve_result_callback(out)
-
-        def fail_waiting(self, error: BaseException) -> None:
-            with self.lock:
-                callbacks = [callback for callback in self.waiting.values() if callback is not None]
-            for callback in callbacks:
-                callback(error)
-
-    return Backend()
 
 
 def _describe(exc: BaseException) -> str:
@@ -243,49 +172,131 @@ def wait_for_workers(client, address: str, timeout: float) -> int:
     return len(client.scheduler_info(n_workers=-1)["workers"])
 
 
-@contextlib.contextmanager
-def watch_workers(client, address: str, backend, timeout: float):
-    """While the block runs, fail the search once the cluster has had no worker for ``timeout`` s.
+class WorkersWatch:
+    """``failure``: a StageError once the cluster has had no worker for ``timeout`` s, else None.
 
     Dask keeps a task that no worker is left to run waiting for one (a
-    worker may join), and the search with it: when every worker died, on
-    the fits or otherwise, this ends it instead.
+    worker may join), and the search with it; ``distributed.scheduler.no-workers-timeout``
+    would fail it, but it is the scheduler's setting, not the client's. A
+    thread asks the scheduler once a second (a call that may block while the
+    connection is lost), so that the search's own loop never waits on it.
     """
-    import threading
-    import time
 
-    stop = threading.Event()
+    def __init__(self, client, address: str, timeout: float):
+        import threading
 
-    def watch():
+        self.client, self.address, self.timeout = client, address, timeout
+        self.failure: StageError | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name="tune-watch-workers", daemon=True)
+
+    def watch(self) -> None:
+        import time
+
         since = None
-        while not stop.wait(1.0):
+        while not self.stop.wait(1.0):
             try:
-                workers = len(client.nthreads())
-            except Exception:  # the client is closing, or lost the scheduler (the search fails then)
+                workers = len(self.client.nthreads())
+            except Exception:  # the client is closing, or lost the scheduler (the fits fail then)
                 continue
             now = time.monotonic()
             since = None if workers else (since or now)
-            if since is not None and now - since >= timeout:
-                backend.fail_waiting(StageError(
-                    f"the Dask cluster at {address} has had no workers for {timeout:g} s, "
-                    f"with grid-search tasks left to run; see the workers' logs"))
+            if since is not None and now - since >= self.timeout:
+                self.failure = StageError(
+                    f"the Dask cluster at {self.address} has had no workers for {self.timeout:g} s, "
+                    f"with grid-search fits left to run; see the workers' logs")
                 return
 
-    thread = threading.Thread(target=watch, name="tune-watch-workers", daemon=True)
-    thread.start()
+
+@contextlib.contextmanager
+def watch_workers(client, address: str, timeout: float):
+    """A running WorkersWatch for the block."""
+    watch = WorkersWatch(client, address, timeout)
+    watch.thread.start()
     try:
-        yield
+        yield watch
     finally:
-        stop.set()
-        thread.join(timeout=5)
+        watch.stop.set()
+        watch.thread.join(timeout=5)
 
 
-def fit_on_cluster(search, images, labels, address: str):
-    """``search.fit(images, labels)`` with every fit a task on the cluster at ``address``."""
-    import joblib
-    from sklearn.model_selection import check_cv
+def grid_fits(search, images, labels) -> tuple[list[dict], list[tuple]]:
+    """GridSearchCV's grid points and folds for ``search.fit(images, labels)``, in its order."""
+    from sklearn.base import is_classifier
+    from sklearn.model_selection import ParameterGrid, check_cv
+
+    candidates = list(ParameterGrid(search.param_grid))
+    folds = list(check_cv(search.cv, labels, classifier=is_classifier(search.estimator)).split(images, labels))
+    return candidates, folds
+
+
+def fit_and_score(estimator, params: dict, images, labels, train, test, scoring: str) -> tuple[float, float]:
+    """One of GridSearchCV's fits, as its ``_fit_and_score`` makes it: a clone of ``estimator``
+    with ``params``, fitted on the ``train`` rows and scored on the ``test`` rows.
+    Returns (score, fit time in seconds)."""
+    import time
+
+    from sklearn.base import clone
+    from sklearn.metrics import get_scorer
+
+    model = clone(estimator).set_params(**clone(params, safe=False))
+    start = time.perf_counter()
+    model.fit(images[train], labels[train])
+    fit_time = time.perf_counter() - start
+    return float(get_scorer(scoring)(model, images[test], labels[test])), fit_time
+
+
+def fit_task(*args):
+    """On a worker: ``(fit_and_score(*args), None)``, or ``(None, (exception, its traceback))``.
+
+    A fit's own exception comes back as a result, so that what the future
+    raises is only what Dask itself failed: the two are told apart.
+    """
+    import traceback
+
+    try:
+        return fit_and_score(*args), None
+    except Exception as exc:
+        return None, (exc, traceback.format_exc())
+
+
+class FitTraceback(Exception):
+    """The traceback of a fit that failed on a Dask worker, as the cause of its exception."""
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.args[0]}\"\"\""
+
+
+def search_results(candidates: list[dict], scores, fit_times) -> dict:
+    """The ``cv_results_`` keys tune reads, from the fits' scores and fit times
+    (grid points x folds), computed as GridSearchCV computes them (its ``_store``)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    scores = np.array(scores, dtype=np.float64)
+    means = np.average(scores, axis=1)
+    results = {"params": candidates,
+               "mean_fit_time": np.average(np.array(fit_times, dtype=np.float64), axis=1),
+               "mean_test_score": means,
+               "std_test_score": np.sqrt(np.average((scores - means[:, np.newaxis]) ** 2, axis=1)),
+               # accuracy is never NaN: GridSearchCV's NaN handling has nothing to do here
+               "rank_test_score": rankdata(-means, method="min").astype(np.int32, copy=False)}
+    results.update({f"split{k}_test_score": scores[:, k] for k in range(scores.shape[1])})
+    return results
+
+
+def fit_on_cluster(search, images, labels, address: str) -> dict:
+    """``search.fit(images, labels).cv_results_`` (the keys ``search_results`` gives),
+    with every fit a task on the cluster at ``address``."""
+    import time
+    import uuid
+    import warnings
+
+    import numpy as np
 
     client = connect(address)
+    from distributed import as_completed
+
     # distributed's own log lines (a lost scheduler, a lost worker) stay out
     # of the stage's output: how the search ended is the stage's one line.
     with quiet_distributed():
@@ -294,19 +305,39 @@ def fit_on_cluster(search, images, labels, address: str):
             workers = wait_for_workers(client, address, timeout)
             print(f"tune: running the grid search on {address} ({workers} worker{'s' * (workers != 1)})")
             ship_package(client)
-            # The folds' indices as arrays, the very objects GridSearchCV then
-            # passes to the fits with the data (the same folds as its own split).
-            folds = list(check_cv(search.cv, labels, classifier=True).split(images, labels))
+            candidates, folds = grid_fits(search, images, labels)
+            run = uuid.uuid4().hex[:12]
             inputs = {"images": images, "labels": labels}
             for k, (train, test) in enumerate(folds):
                 inputs.update({f"fold{k}-train": train, f"fold{k}-test": test})
-            # n_jobs=-1: as many fits at a time as the cluster has worker threads.
-            search.set_params(cv=folds, n_jobs=-1)
-            backend = _backend(client, inputs)
-            with joblib.parallel_config(backend=backend), watch_workers(client, address, backend, timeout):
-                return search.fit(images, labels)
-        except ClusterTaskError as exc:
-            raise StageError(f"a grid-search task failed on the Dask cluster at {address} "
-                             f"({_describe(exc.args[0])}); see the scheduler's and workers' logs") from None
+            with warnings.catch_warnings():  # "Sending large graph ...": on purpose, once per array
+                warnings.filterwarnings("ignore", message="Sending large graph")
+                data = {name: client.submit(np.asarray, array, key=f"tune-{name}-{run}")
+                        for name, array in inputs.items()}
+            fits = {client.submit(fit_task, search.estimator, params, data["images"], data["labels"],
+                                  data[f"fold{k}-train"], data[f"fold{k}-test"], search.scoring,
+                                  key=f"tune-fit-{c}-{k}-{run}"): (c, k)
+                    for c, params in enumerate(candidates) for k in range(len(folds))}
+            scores, fit_times = np.zeros((len(candidates), len(folds))), np.zeros((len(candidates), len(folds)))
+            finished = as_completed(list(fits), loop=client.loop)
+            with watch_workers(client, address, timeout) as watch:
+                while not finished.is_empty():
+                    ready = finished.next_batch(block=False)
+                    if not ready:
+                        if watch.failure is not None:
+                            raise watch.failure
+                        time.sleep(POLL)
+                    for future in ready:
+                        c, k = fits.pop(future)  # its result is released once read: nothing to recompute
+                        try:
+                            result, failure = future.result()
+                        except Exception as exc:  # Dask failed the task: KilledWorker, unpicklable, cancelled
+                            raise StageError(
+                                f"a grid-search task failed on the Dask cluster at {address} "
+                                f"({_describe(exc)}); see the scheduler's and workers' logs") from None
+                        if failure is not None:
+                            raise failure[0] from FitTraceback(failure[1])
+                        scores[c, k], fit_times[c, k] = result
+            return search_results(candidates, scores, fit_times)
         finally:
             client.close()

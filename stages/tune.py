@@ -159,18 +159,19 @@ def main(argv: list[str] | None = None) -> None:
     search = build_search(model_params, train_params, tune_params)
     address = scheduler_address(args.scheduler)
     if address:  # Dask is imported on this path only
-        search = fit_on_cluster(search, images, labels, address)
+        results = fit_on_cluster(search, images, labels, address)
     else:
         with local_workers(device):
-            search = search.fit(images, labels)
+            results = search.fit(images, labels).cv_results_
 
-    rows = results_table(search.cv_results_, tune_params.cv)
-    for row, fit_time in zip(rows, search.cv_results_["mean_fit_time"]):
+    rows = results_table(results, tune_params.cv)
+    for row, fit_time in zip(rows, results["mean_fit_time"]):
         print(f"lr={row['lr']:g} hidden={row['hidden']} max_epochs={row['max_epochs']}: "
               f"{row['mean_test_score']:.4f} +- {row['std_test_score']:.4f} (fit {fit_time:.1f} s)")
-    best = search.best_params_  # saved under tune.grid's names, to copy back into params.yaml
+    top = int(np.argmin(results["rank_test_score"]))  # GridSearchCV's best_index_
+    best = results["params"][top]  # saved under tune.grid's names, to copy back into params.yaml
     write_json(args.metrics, {
-        "best_score": float(search.best_score_),
+        "best_score": float(results["mean_test_score"][top]),
         "best_params": {"lr": float(best["net__lr"]), "hidden": [int(h) for h in best["net__module__hidden"]],
                         "max_epochs": int(best["net__max_epochs"])},
         "n_candidates": len(rows), "cv": tune_params.cv, "subset_size": len(labels),

@@ -15,8 +15,10 @@ import joblib
 import numpy as np
 import torch
 import yaml
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone
 
+from mnist_dvc import cluster
+from mnist_dvc.data import load_stored_split
 from mnist_dvc.params import load_section
 from mnist_dvc.tuning import scale_and_flatten
 from stages import tune
@@ -140,3 +142,53 @@ def a_stage_handler(signum, frame):
 
 def signal_handlers():
     return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+
+def test_the_cluster_paths_fits_and_results_equal_grid_search_cvs(prepared):
+    # What mnist_dvc/cluster.py runs on the Dask workers, run here: the same
+    # fits, scores and cv_results_ as GridSearchCV's, to the bit.
+    images, labels = load_stored_split(Path("data/processed"), "train")
+    search = tune.build_search(load_section("model"), load_section("train"), load_section("tune"))
+    expected = clone(search).fit(images, labels).cv_results_
+    candidates, folds = cluster.grid_fits(search, images, labels)
+    fits = [[cluster.fit_task(search.estimator, params, images, labels, train, test, search.scoring)
+             for train, test in folds] for params in candidates]
+    assert all(failure is None for row in fits for _, failure in row)
+    scores = [[result[0] for result, _ in row] for row in fits]
+    results = cluster.search_results(candidates, scores, [[result[1] for result, _ in row] for row in fits])
+    assert results["params"] == expected["params"]
+    for key in set(results) - {"params", "mean_fit_time"}:
+        assert results[key].dtype == expected[key].dtype and results[key].tobytes() == expected[key].tobytes(), key
+    assert results["mean_fit_time"].shape == expected["mean_fit_time"].shape
+
+
+def test_the_cluster_paths_ranks_and_stds_are_grid_search_cvs_on_ties():
+    # Tied and unequal scores: the rank (ties share the lower rank) and the
+    # std of GridSearchCV's cv_results_, from the same split scores.
+    from sklearn.dummy import DummyClassifier
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    images = np.zeros((12, 1))
+    labels = np.array([0, 0, 0, 0, 0, 1, 0, 1, 1, 1, 1, 1])
+    strategies = ["most_frequent", "prior", "constant", "stratified", "uniform"]
+    search = GridSearchCV(DummyClassifier(random_state=0, constant=1), {"strategy": strategies},
+                          cv=KFold(3), scoring="accuracy").fit(images, labels)
+    expected = search.cv_results_
+    scores = np.stack([expected[f"split{k}_test_score"] for k in range(3)], axis=1)
+    results = cluster.search_results(expected["params"], scores, np.zeros_like(scores))
+    assert 1 < len(set(expected["mean_test_score"])) < len(strategies)  # ties, and a ranking
+    for key in ("mean_test_score", "std_test_score", "rank_test_score"):
+        assert results[key].dtype == expected[key].dtype and results[key].tobytes() == expected[key].tobytes(), key
+
+
+def test_a_fit_that_fails_on_a_worker_comes_back_as_its_exception_and_traceback():
+    images, labels = np.zeros((4, 28, 28), np.uint8), np.array([0, 1, 0, 1])
+    train, test = np.array([0, 1]), np.array([2, 3])
+    result, (exc, text) = cluster.fit_task(DivideByZeroFit(), {}, images, labels, train, test, "accuracy")
+    assert result is None and isinstance(exc, ZeroDivisionError)
+    assert "1 / 0" in text and text.startswith("Traceback")
+
+
+class DivideByZeroFit(BaseEstimator):
+    def fit(self, images, labels):
+        return 1 / 0

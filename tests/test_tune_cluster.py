@@ -27,14 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cloudpickle
+import numpy as np
 import pytest
 import yaml
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import GridSearchCV
 
 from conftest import DVC, dvc, ran_stages, set_key, sh, stage_command, tool_env
 from s3server import free_ports
-from mnist_dvc.cluster import ENV_VAR, connect
+from mnist_dvc.cluster import ENV_VAR, FitTraceback, connect, fit_on_cluster
 from mnist_dvc.stage import StageError
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +65,7 @@ class TaskLog(SchedulerPlugin):
         self.scheduler = scheduler
 
     def transition(self, key, start, finish, *args, **kwargs):
-        if start == "processing" and finish == "memory" and str(key).startswith("batch_of_"):
+        if start == "processing" and finish == "memory" and is_fit(key):
             deps = {dep.key for dep in self.scheduler.tasks[key].dependencies}
             self.completed.append((key, kwargs.get("worker"), deps))
 
@@ -83,7 +86,7 @@ class DataLog(WorkerPlugin):
 def scheduler_state(dask_scheduler):
     """Run on the scheduler: the TaskLog so far and the grid-search tasks assigned to each worker now."""
     return {"completed": list(dask_scheduler.plugins[TaskLog.name].completed),
-            "processing": {ws.address: [ts.key for ts in ws.processing if str(ts.key).startswith("batch_of_")]
+            "processing": {ws.address: [ts.key for ts in ws.processing if is_fit(ts.key)]
                            for ws in dask_scheduler.workers.values()}}
 
 
@@ -101,9 +104,14 @@ def torch_threads(client: Client, worker: str) -> int:
     return client.submit(get, workers=[worker], pure=False).result()
 
 
-def fits_in(key: str) -> int:
-    """joblib names a task batch_of__fit_and_score_<n>_calls-<uuid>: n fits."""
-    return int(re.match(r"batch_of__fit_and_score_(\d+)_calls-", key).group(1))
+def is_fit(key) -> bool:
+    """tune names each fit's task tune-fit-<grid point>-<fold>-<run>."""
+    return re.fullmatch(r"tune-fit-\d+-\d+-[0-9a-f]+", str(key)) is not None
+
+
+def fit_of(key: str) -> str:
+    """The grid point and fold of a fit's task: tune-fit-<c>-<k>-<run> -> "<c>-<k>"."""
+    return str(key).rsplit("-", 1)[0].removeprefix("tune-fit-")
 
 
 # --- a loopback cluster ------------------------------------------------------
@@ -134,20 +142,23 @@ class Cluster:
 
 @pytest.fixture
 def start_cluster(tmp_path):
-    """``start_cluster(workers=2, broken=None)``: a running, registered cluster; stopped after the test.
+    """``start_cluster(workers=2, broken=None, env={})``: a running, registered cluster; stopped after the test.
 
     ``broken="scheduler"`` or ``"worker"`` starts that process (all workers)
     with a stand-in ``skorch`` that cannot be imported: an environment that
-    lacks the project's dependencies.
+    lacks the project's dependencies. ``env``: more environment variables
+    for every process (Dask settings).
     """
     clusters = []
 
-    def start(workers: int = 2, broken: str | None = None) -> Cluster:
+    def start(workers: int = 2, broken: str | None = None, env: dict[str, str] | None = None) -> Cluster:
+        extra = env or {}
         folder = tmp_path / f"cluster{len(clusters)}"
         empty = folder / "cwd"  # the processes' working directory: nothing of the repository
         empty.mkdir(parents=True)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", ENV_VAR)}
         env["DASK_TEMPORARY_DIRECTORY"] = str(folder / "tmp")  # scratch space, uploaded zips: all in here
+        env.update(extra)
         broken_env = dict(env)
         if broken:
             fake = folder / "no-skorch" / "skorch"
@@ -237,11 +248,12 @@ def test_on_a_cluster_tune_reruns_nothing_and_reproduces_the_local_bytes(copy_pr
         threads_after = {w: torch_threads(client, w) for w in arrived}
     # The fits ran on the workers, both of them: 2 grid points x 2 folds.
     completed = state["completed"]
-    per_worker = {w: sum(fits_in(key) for key, worker, _ in completed if worker == w) for w in arrived}
+    assert sorted(fit_of(key) for key, _, _ in completed) == ["0-0", "0-1", "1-0", "1-1"], completed
+    per_worker = {w: sum(1 for _, worker, _ in completed if worker == w) for w in arrived}
     assert sum(per_worker.values()) == 4 and all(per_worker.values()), per_worker
     # The client sent the training images once, as a task (tune-images-...)
     # that every fit depended on: one worker computed it; every other arrival
-    # is a fetch from a peer ("flight"), one at most per fit batch run there
+    # is a fetch from a peer ("flight"), one at most per fit run there
     # (Dask's Active Memory Manager may drop a worker's extra copy between
     # two of its fits; the next one fetches it again).
     images = {key for _, _, deps in completed for key in deps if key.startswith("tune-images-")}
@@ -249,9 +261,8 @@ def test_on_a_cluster_tune_reruns_nothing_and_reproduces_the_local_bytes(copy_pr
     (images,) = images
     starts = {w: [start for key, start in keys if key == images] for w, keys in arrived.items()}
     assert sorted(start for w in starts for start in starts[w] if start != "flight") == ["executing"], starts
-    batches = {w: sum(1 for _, worker, _ in completed if worker == w) for w in arrived}
     for w, received in starts.items():
-        assert 1 <= len(received) <= batches[w] + received.count("executing"), (w, starts, batches)
+        assert 1 <= len(received) <= per_worker[w] + received.count("executing"), (w, starts, per_worker)
     # Each fit pinned its worker's torch threads to train.threads (1).
     assert set(threads_after.values()) == {1}, threads_after
     if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -307,11 +318,11 @@ def test_a_worker_killed_mid_search_loses_nothing(copy_project, start_cluster, t
     done_on: dict[str, list[str]] = {}
     for key, worker, _ in state["completed"]:
         done_on.setdefault(key, []).append(worker)
-    assert sum(fits_in(key) for key in done_on) == 16, done_on
+    assert sorted(map(fit_of, done_on)) == sorted(f"{c}-{k}" for c in range(8) for k in range(2)), done_on
     assert any(done_on.get(key, [])[-1:] == [survivor] for key in assigned), (assigned, done_on)
     assert all(workers == [victim, survivor] for workers in done_on.values() if len(workers) > 1), done_on
 
-    # Byte-identical to a local run (forked joblib workers) of the same params.
+    # Byte-identical to a local run (GridSearchCV, forked joblib workers) of the same params.
     local = [f"--metrics={tmp_path}/tune.json", f"--results={tmp_path}/tune_results.csv",
              f"--plot={tmp_path}/tune_cv_accuracy.png"]
     env = {k: v for k, v in tool_env().items() if k != ENV_VAR}
@@ -407,3 +418,65 @@ def test_a_task_failing_on_the_cluster_ends_the_stage_in_one_line(copy_project, 
     else:
         assert lines[0].startswith(f"error: the Dask cluster at {cluster.address} has had no workers for 3 s")
     assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
+
+
+def test_without_dask_installed_a_cluster_run_says_how_to_install_it(copy_project, tmp_path):
+    # Dask is the optional [cluster] extra: stand-ins that cannot be imported play its absence.
+    repo = copy_project()
+    missing = tmp_path / "no-dask"
+    for name in ("dask", "distributed"):
+        (missing / name).mkdir(parents=True)
+        (missing / name / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("No module named {name!r} (a test stand-in)", name={name!r})\n')
+    address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    result = sh(*stage_command("tune"), cwd=repo, env={**cluster_env(address), "PYTHONPATH": str(missing)},
+                timeout=120, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert address in lines[0] and ENV_VAR in lines[0] and lines[0].endswith("pip install -e '.[cluster]'")
+    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
+
+
+def failing_search(how: str) -> GridSearchCV:
+    """A search whose fits fail: ``how="raise"`` raises, ``how="kill"`` kills the fit's process.
+
+    Its classifier is defined in here: Dask pickles a task with plain pickle
+    first, which would send a module-level class by reference (this module,
+    which the cluster cannot import); plain pickle cannot send a local class,
+    so Dask sends the task by value, with cloudpickle.
+    """
+    class FailingFit(ClassifierMixin, BaseEstimator):
+        def __init__(self, how: str = "raise"):
+            self.how = how
+
+        def fit(self, images, labels):
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise ValueError("this fit fails on purpose")
+
+    return GridSearchCV(FailingFit(), {"how": [how]}, cv=2, scoring="accuracy", refit=False, error_score="raise")
+
+
+def test_a_task_dask_fails_ends_the_search_in_one_line(start_cluster):
+    # The reason the cluster path submits its own fits: joblib 1.6's dask
+    # backend waited forever for a task that Dask failed. allowed-failures=0:
+    # the first worker that dies on a fit makes it a KilledWorker.
+    cluster = start_cluster(workers=1, env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+    images, labels = np.zeros((20, 28, 28), np.uint8), np.arange(20) % 2
+    with pytest.raises(StageError, match=rf"^a grid-search task failed on the Dask cluster at "
+                                         rf"{re.escape(cluster.address)} \(KilledWorker: "):
+        fit_on_cluster(failing_search("kill"), images, labels, cluster.address)
+
+
+def test_an_exception_in_a_fit_on_the_cluster_is_raised_as_locally_with_its_traceback(start_cluster):
+    cluster = start_cluster(workers=1)
+    images, labels = np.zeros((20, 28, 28), np.uint8), np.arange(20) % 2
+    with pytest.raises(ValueError, match="this fit fails on purpose"):  # locally
+        failing_search("raise").fit(images, labels)
+    with pytest.raises(ValueError, match="this fit fails on purpose") as raised:
+        fit_on_cluster(failing_search("raise"), images, labels, cluster.address)
+    assert isinstance(raised.value.__cause__, FitTraceback)
+    # The worker's frames (sent by value here, so without their source lines).
+    assert re.search(r", in fit_and_score\n.*, in fit\nValueError: this fit fails on purpose\n",
+                     str(raised.value.__cause__)), raised.value.__cause__
