@@ -46,7 +46,8 @@ best: $(VENV)/.installed
 report: $(VENV)/.installed
 	$(BIN)/python -m mnist_dvc.apps.report $(REVS) $(if $(OUT),--out $(OUT))
 
-# Draw a digit in the browser; SERVE_ARGS="--onnx --port 8080" passes options.
+# Draw a digit in the browser; SERVE_ARGS="--onnx --port 8080" passes options,
+# SERVE_ARGS="--collect data/feedback" saves corrections (docs/feedback.md).
 serve: $(VENV)/.installed
 	$(BIN)/python -m mnist_dvc.apps.serve $(SERVE_ARGS)
 

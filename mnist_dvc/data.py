@@ -12,6 +12,10 @@ read them (a second and a half less start-up each), and ``np.load`` with
 images into a float32 tensor in [0, 1] once, in memory, so the training
 loops never do per-sample work.
 
+Feedback (``data/feedback/``, collected by the web app): ``labels.csv`` and
+``<sha256>.png`` 28x28 inputs, read and checked here for the feedback and
+preprocess stages (the format is below, at ``FEEDBACK_LABELS``).
+
 torch is imported inside ``load_split`` only: the download stage imports
 this module for ``RAW_FILES`` and must start without it.
 """
