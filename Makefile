@@ -6,13 +6,14 @@
 #   make serve   the web app over the trained models: http://127.0.0.1:8000
 #   make best    the best recipe (>= 0.99 test accuracy) as the named experiment "best"
 #   make report REVS="HEAD exp-a"   compare revisions on one page: reports/report.html (and .md)
+#   make notebook  run the tutorial notebook on data/processed and save it with its outputs
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 # Make the venv's python the `python` that dvc.yaml's commands run.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro predict serve best report test bench bench-pipeline bench-serve bench-cluster clean-venv
+.PHONY: setup repro predict serve best notebook report test bench bench-pipeline bench-serve bench-cluster clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,14 @@ report: $(VENV)/.installed
 # SERVE_ARGS="--collect data/feedback" saves corrections (docs/feedback.md).
 serve: $(VENV)/.installed
 	$(BIN)/python -m mnist_dvc.apps.serve $(SERVE_ARGS)
+
+$(VENV)/.installed-notebook: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[notebook]'
+	touch $@
+
+# The tutorial, top to bottom on the pipeline's data, saved with its outputs (docs/tutorial.md).
+notebook: $(VENV)/.installed-notebook
+	$(BIN)/python notebooks/run_tutorial.py
 
 # -n auto: one pytest-xdist worker per CPU core.
 test: $(VENV)/.installed-test
