@@ -120,14 +120,17 @@ def experiments(tmp_path_factory, reproduced) -> Path:
 
     exp-a sets train.lr=0.003; exp-b sets model.hidden=[64] and a validation split
     (preprocess.val_size=200, so it has validation curves), from HEAD's params. The
-    workspace holds exp-b's results.
+    workspace holds exp-b's results. What each `dvc exp run` printed is in
+    exp-a-output.txt and exp-b-output.txt beside the repository.
     """
     def build(folder: Path) -> None:
         repo = folder / "repo"
         shutil.copytree(reproduced, repo, symlinks=True)
-        dvc("exp", "run", "-n", "exp-a", "-S", "train.lr=0.003", cwd=repo)
+        run = dvc("exp", "run", "-n", "exp-a", "-S", "train.lr=0.003", cwd=repo)
+        folder.joinpath("exp-a-output.txt").write_text(run.stdout)
         sh("git", "checkout", "HEAD", "--", "params.yaml", cwd=repo)  # exp-b starts from HEAD's params
-        dvc("exp", "run", "-n", "exp-b", "-S", "model.hidden=[64]", "-S", "preprocess.val_size=200", cwd=repo)
+        run = dvc("exp", "run", "-n", "exp-b", "-S", "model.hidden=[64]", "-S", "preprocess.val_size=200", cwd=repo)
+        folder.joinpath("exp-b-output.txt").write_text(run.stdout)
 
     return shared_once(tmp_path_factory, "experiments", build) / "repo"
 
@@ -144,13 +147,22 @@ def offline_browser(tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist, start the shared `dvc repro` (the ``reproduced`` fixture) first.
+    """Under pytest-xdist, start each shared build early, while the other worker has other work.
 
-    One test that needs it goes first, so that one worker builds it while
-    the others run the tests that do not; the rest of the tests that need it
-    go last, when it is ready, instead of making a worker wait for it.
+    One test that needs the reproduced project (``reproduced``: a full
+    `dvc repro`) goes first, so that one worker builds it while the others run
+    the tests that do not. Then, of the tests that need it, one that needs
+    ``experiments`` (two `dvc exp run` on a copy), so that one worker builds
+    that while the others run the tests on the reproduced project alone; the
+    other users of ``experiments`` go last, when it is ready.
     """
-    needs = [item for item in items if "reproduced" in getattr(item, "fixturenames", ())]
+    def needing(name: str, among: list) -> list:
+        return [item for item in among if name in getattr(item, "fixturenames", ())]
+
+    needs = needing("reproduced", items)
     if needs:
         others = [item for item in items if item not in needs]
-        items[:] = needs[:1] + others + needs[1:]
+        later = needs[1:]
+        experiments = needing("experiments", later)
+        later = experiments[:1] + [item for item in later if item not in experiments] + experiments[1:]
+        items[:] = needs[:1] + others + later

@@ -8,6 +8,7 @@ plugin); everything here is an ordinary function or constant, imported as
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -86,7 +87,15 @@ def mnist_style(digit: np.ndarray) -> np.ndarray:
 
 
 def tiny_mnist_arrays() -> dict[str, np.ndarray]:
-    """load_digits (1,797 handwritten 8x8 digits) drawn like MNIST: 28x28 uint8 images, 0..9 labels."""
+    """load_digits (1,797 handwritten 8x8 digits) drawn like MNIST: 28x28 uint8 images, 0..9 labels.
+
+    Drawn once per process (about a second), then copied: a caller may change its arrays.
+    """
+    return {key: array.copy() for key, array in _drawn_tiny_mnist().items()}
+
+
+@functools.cache
+def _drawn_tiny_mnist() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, dvc, ran_stages, sh
+from helpers import ALWAYS_RUN, REPO, dvc, edit_params, ran_stages, sh
 
 REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -31,7 +31,7 @@ def test_repro_from_scratch_runs_every_stage_and_a_second_repro_runs_none(reprod
         assert scores["accuracy"] > 0.8  # load_digits is easy; chance is 0.1
     second = dvc("repro", cwd=copy_project())
     assert ran_stages(second.stdout) == set(), second.stdout
-    assert "Data and pipelines are up to date" in second.stdout
+    assert "Stage 'preprocess' didn't change, skipping" in second.stdout
 
 
 def test_after_a_real_repro_at_the_defaults_both_trainings_saved_identical_tensors(reproduced):
@@ -50,85 +50,104 @@ def test_after_a_real_repro_at_the_defaults_both_trainings_saved_identical_tenso
     assert metrics["manual"] == metrics["skorch"]
 
 
-# What the README says reruns after each kind of change ("What reruns what").
-RERUN_RULES = [
-    # train.* (train.lr): test_a_train_param_reruns_exactly_the_trainings_and_what_follows_and_diffs_show_it
-    # tune reads model.activation and model.dropout (and part of train): it reruns too.
-    ("model.dropout", 0.1, AFTER_TRAINING | {"tune"}),
-    ("plot.misclassified", 10, {"plot"}),
-    ("tune.cv", 3, {"tune"}),
-    ("preprocess.val_size", 100, ALL_STAGES - {"download"}),
-]
-
-
 def set_param(repo: Path, dotted: str, value) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    *parents, last = dotted.split(".")
-    node = params
-    for part in parents:
-        node = node[part]
-    assert node[last] != value, f"{dotted} is already {value!r}"
-    node[last] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    before = edit_params(repo / "params.yaml", {dotted: value})
+    assert before[dotted] != value, f"{dotted} is already {value!r}"
 
 
-@pytest.mark.parametrize("key, value, expected", RERUN_RULES, ids=[rule[0] for rule in RERUN_RULES])
-def test_changing_a_param_reruns_exactly_the_stages_that_read_it(copy_project, key, value, expected):
-    repo = copy_project()
-    set_param(repo, key, value)
-    assert ran_stages(dvc("repro", cwd=repo).stdout) == expected
+def output_paths(stage: dict) -> set[str]:
+    """The paths a dvc.yaml stage writes: its outs, metrics and plots."""
+    return {out if isinstance(out, str) else next(iter(out))
+            for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])}
 
 
-# The other training options: which stages read them, from `dvc status` (no run
-# needed: a stage reruns when a param it reads changed, and what follows a
-# training reruns because the model changed, as the real runs above show).
-OPTION_READERS = [
-    ("train.schedule", "cosine", {"train", "fit"}),
-    ("train.warmup", 0.1, {"train", "fit"}),
-    ("train.augment", {"shift": 1, "rotate": 5.0}, {"train", "fit"}),
-    ("train.weight_decay", 0.01, {"train", "fit", "tune"}),
-    ("train.cuda_graph", "off", {"train", "fit"}),
-    ("model.hidden", [64], {"train", "fit", "evaluate", "export"}),
+def and_what_follows(stages: set[str], pipeline: dict) -> set[str]:
+    """``stages`` and every stage that reads, directly or not, what one of them writes: what
+    `dvc repro` reruns after them (a dep is an output, or a file in an output folder)."""
+    reruns, todo = set(), list(stages)
+    while todo:
+        name = todo.pop()
+        if name in reruns:
+            continue
+        reruns.add(name)
+        written = output_paths(pipeline[name])
+        todo.extend(other for other, stage in pipeline.items()
+                    if any(dep == out or dep.startswith(out + "/") for dep in stage.get("deps", []) for out in written))
+    return reruns
+
+
+def test_what_follows_a_stage_is_read_from_the_outputs_it_writes():
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert and_what_follows({"train"}, pipeline) == {"train", "evaluate", "export", "plot"}
+    assert and_what_follows({"preprocess"}, pipeline) == ALL_STAGES - {"download"}
+    assert and_what_follows({"plot"}, pipeline) == {"plot"}
+
+
+# What the README says reruns after each kind of change ("What reruns what"):
+# the stages that read the param, from `dvc status` (no run needed), and what
+# follows them through dvc.yaml's outputs and deps. Real runs show that DVC
+# does rerun what follows: the train.lr test and the forced rerun below.
+RERUN_RULES = [
+    # tune reads model.activation and model.dropout (and part of train): it reruns too.
+    ("model.dropout", 0.1, {"train", "fit", "evaluate", "export", "tune"}, AFTER_TRAINING | {"tune"}),
+    ("plot.misclassified", 10, {"plot"}, {"plot"}),
+    ("tune.cv", 3, {"tune"}, {"tune"}),
+    ("preprocess.val_size", 100, {"preprocess"}, ALL_STAGES - {"download"}),
+    ("train.schedule", "cosine", {"train", "fit"}, AFTER_TRAINING),
+    ("train.warmup", 0.1, {"train", "fit"}, AFTER_TRAINING),
+    ("train.augment", {"shift": 1, "rotate": 5.0}, {"train", "fit"}, AFTER_TRAINING),
+    ("train.weight_decay", 0.01, {"train", "fit", "tune"}, AFTER_TRAINING | {"tune"}),
+    ("train.cuda_graph", "off", {"train", "fit"}, AFTER_TRAINING),
+    ("model.hidden", [64], {"train", "fit", "evaluate", "export"}, AFTER_TRAINING),
 ]
 
 
-@pytest.mark.parametrize("key, value, readers", OPTION_READERS, ids=[rule[0] for rule in OPTION_READERS])
-def test_dvc_status_shows_exactly_the_stages_that_read_each_option(copy_project, key, value, readers):
+@pytest.mark.parametrize("key, value, readers, reruns", RERUN_RULES, ids=[rule[0] for rule in RERUN_RULES])
+def test_changing_a_param_reruns_exactly_the_stages_that_read_it_and_what_follows(
+        copy_project, key, value, readers, reruns):
     repo = copy_project()
     set_param(repo, key, value)
     status = json.loads(dvc("status", "--json", cwd=repo).stdout)
-    assert set(status) == readers, status
+    assert status.keys() - ALWAYS_RUN == readers, status
     for stage in readers:
         tracked = key if stage == "tune" else key.split(".")[0]  # tune lists keys; the others whole sections
         assert status[stage] == [{"changed deps": {"params.yaml": {tracked: "modified"}}}], status[stage]
+    assert and_what_follows(readers, yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]) == reruns
 
 
 def test_editing_a_shared_module_reruns_exactly_the_stages_that_import_it(copy_project):
     repo = copy_project()
     with (repo / "mnist_dvc/figures.py").open("a") as f:
         f.write("# an edit\n")
-    assert ran_stages(dvc("repro", cwd=repo).stdout) == {"plot", "tune"}
+    status = json.loads(dvc("status", "--json", cwd=repo).stdout)
+    importers = {stage: [{"changed deps": {"mnist_dvc/figures.py": "modified"}}] for stage in ("plot", "tune")}
+    assert status == {**importers, **{name: ["always changed"] for name in ALWAYS_RUN}}, status
+    assert and_what_follows(set(importers), yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]) == {"plot", "tune"}
 
 
-def test_a_train_param_reruns_exactly_the_trainings_and_what_follows_and_diffs_show_it(copy_project, tmp_path):
-    repo = copy_project()
-    set_param(repo, "train.lr", 0.003)
-    assert ran_stages(dvc("repro", cwd=repo).stdout) == AFTER_TRAINING
-    sh("git", "add", "-A", cwd=repo)
-    sh("git", "commit", "-q", "-m", "lr 0.003", cwd=repo)
+def experiment_commit(repo: Path, name: str) -> str:
+    """The commit `dvc exp run -n <name>` made (under refs/exps)."""
+    refs = sh("git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps", cwd=repo).stdout.split("\n")
+    (commit,) = [line.split()[1] for line in refs if line.split(" ")[0].endswith(f"/{name}")]
+    return commit
 
-    metrics = json.loads(dvc("metrics", "diff", "HEAD~1", "--json", cwd=repo).stdout)
+
+def test_a_train_param_reruns_exactly_the_trainings_and_what_follows_and_diffs_show_it(experiments, tmp_path):
+    # exp-a of the shared `experiments` project is `dvc exp run -S train.lr=0.003` on the reproduced one.
+    assert ran_stages((experiments.parent / "exp-a-output.txt").read_text()) == AFTER_TRAINING
+    revisions = ("HEAD", experiment_commit(experiments, "exp-a"))
+
+    metrics = json.loads(dvc("metrics", "diff", *revisions, "--json", cwd=experiments).stdout)
     changed = metrics["metrics/evaluate.json"]
     assert {"manual.accuracy", "skorch.accuracy", "manual.loss", "skorch.macro_f1"} <= set(changed)
     assert changed["manual.loss"]["old"] != changed["manual.loss"]["new"]
 
-    params_diff = json.loads(dvc("params", "diff", "HEAD~1", "--json", cwd=repo).stdout)
+    params_diff = json.loads(dvc("params", "diff", *revisions, "--json", cwd=experiments).stdout)
     lr = params_diff["params.yaml"]["train.lr"]
     assert (lr["old"], lr["new"]) == (0.001, 0.003)
 
     out = tmp_path / "plots-diff"
-    dvc("plots", "diff", "HEAD~1", "-o", str(out), cwd=repo)
+    dvc("plots", "diff", *revisions, "-o", str(out), cwd=experiments)
     html = (out / "index.html").read_text()
     assert "Training loss per epoch" in html and "Confusion matrix" in html
     assert list(out.rglob("*.png")), "the PNG plots of both revisions are in the report"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -60,17 +61,21 @@ def remote_key(md5: str) -> str:
     return f"files/md5/{md5[:2]}/{md5[2:]}"
 
 
-def add_s3_remote(repo: Path, remote) -> None:
-    """Make ``remote`` the repo's default remote, committed to .dvc/config (keys stay in the env)."""
-    dvc("remote", "add", "-d", "storage", remote.url, cwd=repo, timeout=60)
-    dvc("remote", "modify", "storage", "endpointurl", remote.endpoint, cwd=repo, timeout=60)
-    config = (repo / ".dvc" / "config").read_text()
+def add_s3_remote(repo: Path, remote, commit: bool = True) -> None:
+    """Make ``remote`` the repo's default remote, committed to .dvc/config (keys stay in the env);
+    with ``commit=False``, in this copy's .dvc/config.local only (the commits stay as they are)."""
+    where = [] if commit else ["--local"]
+    dvc("remote", "add", *where, "-d", "storage", remote.url, cwd=repo, timeout=60)
+    dvc("remote", "modify", *where, "storage", "endpointurl", remote.endpoint, cwd=repo, timeout=60)
+    config = (repo / ".dvc" / ("config" if commit else "config.local")).read_text()
+    assert remote.url in config
     assert remote.server.secret_key not in config and remote.server.access_key not in config
-    sh("git", "add", ".dvc/config", cwd=repo, timeout=60)
-    sh("git", "commit", "-q", "-m", "S3 remote", cwd=repo, timeout=60)
+    if commit:
+        sh("git", "add", ".dvc/config", cwd=repo, timeout=60)
+        sh("git", "commit", "-q", "-m", "S3 remote", cwd=repo, timeout=60)
 
 
-def experiments(repo: Path) -> list[dict]:
+def listed_experiments(repo: Path) -> list[dict]:
     """The experiments `dvc exp show --json` lists (every baseline, every range)."""
     rows = json.loads(dvc("exp", "show", "--json", cwd=repo, timeout=120).stdout)
     return [exp for row in rows for exp_range in (row.get("experiments") or []) for exp in exp_range["revs"]]
@@ -114,27 +119,29 @@ def test_push_to_s3_then_a_fresh_clone_pulls_every_output_and_reproduces_nothing
 # --- experiments travel through a git remote and the S3 remote ------------------------
 
 def test_exp_run_is_listed_by_exp_show_and_exp_push_and_pull_share_it_without_retraining(
-        copy_project, s3_remote, tmp_path):
-    repo = copy_project()
-    add_s3_remote(repo, s3_remote)
+        experiments, s3_remote, tmp_path):
+    # The shared `experiments` project: exp-a is `dvc exp run -n exp-a -S train.lr=0.003` on
+    # the reproduced one, which retrained (test_pipeline_e2e checks what it ran).
+    repo = tmp_path / "repo"
+    shutil.copytree(experiments, repo, symlinks=True)
+    dvc("exp", "apply", "exp-a", cwd=repo, timeout=300)  # the workspace as exp-a's run left it
+    add_s3_remote(repo, s3_remote, commit=False)  # exp-a's baseline stays HEAD
     origin = tmp_path / "origin.git"
     sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path, timeout=60)
     sh("git", "remote", "add", "origin", str(origin), cwd=repo, timeout=60)
     sh("git", "push", "-q", "origin", "main", cwd=repo, timeout=120)
 
-    run = dvc("exp", "run", "-S", "train.lr=0.005", "-n", "shared-exp", cwd=repo, timeout=600)
-    assert ran_stages(run.stdout) == {"train", "fit", "evaluate", "export", "plot"}, run.stdout
     # `dvc exp show` lists the experiment with its params and metrics...
-    listed = [exp for exp in experiments(repo) if exp.get("name") == "shared-exp"]
-    assert listed, experiments(repo)
-    assert listed[0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.005
+    listed = [exp for exp in listed_experiments(repo) if exp.get("name") == "exp-a"]
+    assert listed, listed_experiments(repo)
+    assert listed[0]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.003
     evaluation = listed[0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
     assert evaluation == json.loads((repo / "metrics/evaluate.json").read_text())
     assert 0 < evaluation["manual"]["accuracy"] <= 1 and 0 < evaluation["skorch"]["accuracy"] <= 1
     expected = {path: tree(repo / path) for path in lock_outs(repo)}
     assert not s3_remote.keys(), "nothing was pushed before `dvc exp push`"
-    push = dvc("exp", "push", "origin", "shared-exp", cwd=repo, timeout=300)
-    assert "Pushed experiment shared-exp" in push.stdout, push.stdout
+    push = dvc("exp", "push", "origin", "exp-a", cwd=repo, timeout=300)
+    assert "Pushed experiment exp-a" in push.stdout, push.stdout
     keys = s3_remote.keys()
     # `dvc exp push` pushes the experiment's cached outputs to the default remote too.
     for path, entry in lock_outs(repo).items():
@@ -143,18 +150,19 @@ def test_exp_run_is_listed_by_exp_show_and_exp_push_and_pull_share_it_without_re
 
     clone = tmp_path / "clone"
     sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path, timeout=120)
-    assert [exp.get("name") for exp in experiments(clone) if exp.get("name")] == []
-    pull = dvc("exp", "pull", "origin", "shared-exp", cwd=clone, timeout=300)
-    assert "shared-exp" in pull.stdout, pull.stdout
-    shared = [exp for exp in experiments(clone) if exp.get("name") == "shared-exp"]
-    assert shared, experiments(clone)
+    assert [exp.get("name") for exp in listed_experiments(clone) if exp.get("name")] == []
+    add_s3_remote(clone, s3_remote, commit=False)
+    pull = dvc("exp", "pull", "origin", "exp-a", cwd=clone, timeout=300)
+    assert "exp-a" in pull.stdout, pull.stdout
+    shared = [exp for exp in listed_experiments(clone) if exp.get("name") == "exp-a"]
+    assert shared, listed_experiments(clone)
     data = shared[0]["data"]
-    assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.005
+    assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.003
     assert data["metrics"]["metrics/evaluate.json"]["data"] == json.loads(
         (repo / "metrics/evaluate.json").read_text())
 
-    dvc("exp", "apply", "shared-exp", cwd=clone, timeout=300)
-    assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"] == 0.005
+    dvc("exp", "apply", "exp-a", cwd=clone, timeout=300)
+    assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"] == 0.003
     # `dvc exp pull` fetched every cached output of the experiment (the baseline's data
     # included), so no `dvc pull` is needed.
     assert_clean_and_nothing_to_run(clone)
@@ -243,7 +251,7 @@ def test_a_queued_grid_runs_in_two_workers_and_every_experiment_has_metrics(queu
         return (((exp.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get(
             "data", {}).get("plot", {}).get("misclassified")
 
-    finished = [exp for exp in experiments(repo) if misclassified(exp) in (5, 10)]
+    finished = [exp for exp in listed_experiments(repo) if misclassified(exp) in (5, 10)]
     assert sorted(misclassified(exp) for exp in finished) == [5, 10], finished
     for exp in finished:
         evaluation = exp["data"]["metrics"]["metrics/evaluate.json"]["data"]

@@ -7,7 +7,6 @@ metrics a user has after `make repro`.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -22,7 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, dvc, sh, tiny_mnist_arrays, tool_env
+from helpers import REPO, checkout_env, dvc, encode, sh, tiny_mnist_arrays, tool_env
 from mnist_dvc.apps.images import load_image, to_png
 from mnist_dvc.apps.inference import Predictor
 from mnist_dvc.model import load_mlp
@@ -33,17 +32,31 @@ pytestmark = pytest.mark.e2e
 N_PICTURES = 30
 
 
-def predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def predict_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m mnist_dvc.apps.predict`` of this checkout, run in ``cwd`` (a project folder)."""
-    env = {**tool_env(), "PYTHONPATH": str(REPO)}
+    env = checkout_env(tool_env())
     return subprocess.run([sys.executable, "-m", "mnist_dvc.apps.predict", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+@pytest.fixture
+def predict(monkeypatch, capsys):
+    """The predict command's ``main`` in this process (no start-up to pay), run in ``cwd``: its exit
+    status (argparse's SystemExit included), stdout and stderr. The tests of what only a process
+    shows (its exit, its output encoding, a closed pipe, its imports) run ``predict_process``."""
+    from mnist_dvc.apps.predict import main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd)
+            try:
+                status = main(list(args))
+            except SystemExit as exit_:
+                status = exit_.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["predict", *args], status, out, err)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +78,7 @@ def pictures(tmp_path_factory) -> tuple[list[Path], np.ndarray, np.ndarray]:
 
 def test_predict_prints_one_line_per_picture_with_both_models(reproduced, pictures):
     paths, _, _ = pictures
-    result = predict(*map(str, paths[:3]), cwd=reproduced)
+    result = predict_process(*map(str, paths[:3]), cwd=reproduced)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 3
@@ -74,7 +87,7 @@ def test_predict_prints_one_line_per_picture_with_both_models(reproduced, pictur
         assert re.fullmatch(rf"{re.escape(str(path))}: \d  \(manual \d\.\d\d, skorch \d\.\d\d\)", line), line
 
 
-def test_predict_json_agrees_with_the_models_on_the_stored_test_tensors(reproduced, pictures):
+def test_predict_json_agrees_with_the_models_on_the_stored_test_tensors(predict, reproduced, pictures):
     paths, images, labels = pictures
     result = predict("--json", *map(str, paths), cwd=reproduced)
     assert result.returncode == 0, result.stderr
@@ -95,7 +108,7 @@ def test_predict_json_agrees_with_the_models_on_the_stored_test_tensors(reproduc
     assert (from_pictures == labels).mean() >= 0.8
 
 
-def test_one_bad_picture_is_reported_and_the_others_still_classified(reproduced, pictures, tmp_path):
+def test_one_bad_picture_is_reported_and_the_others_still_classified(predict, reproduced, pictures, tmp_path):
     paths, _, _ = pictures
     bad = tmp_path / "notes.png"
     bad.write_text("not a picture")
@@ -112,7 +125,7 @@ def test_one_bad_picture_is_reported_and_the_others_still_classified(reproduced,
     assert plain.stderr.strip() == f"{bad}: error: {answers[1]['error']}"
 
 
-def test_usage_errors_exit_2_and_missing_models_say_what_to_run(reproduced, pictures, tmp_path):
+def test_usage_errors_exit_2_and_missing_models_say_what_to_run(predict, reproduced, pictures, tmp_path):
     assert predict(cwd=reproduced).returncode == 2  # no picture given
     assert predict("--no-such-option", "a.png", cwd=reproduced).returncode == 2
     result = predict(str(pictures[0][0]), cwd=tmp_path)  # a folder without models/
@@ -122,7 +135,7 @@ def test_usage_errors_exit_2_and_missing_models_say_what_to_run(reproduced, pict
     assert "models/mlp.pt" in lines[0] and "dvc repro" in lines[0] and "dvc pull" in lines[0]
 
 
-def test_save_input_writes_the_28x28_each_picture_became(reproduced, pictures, tmp_path):
+def test_save_input_writes_the_28x28_each_picture_became(predict, reproduced, pictures, tmp_path):
     paths, _, _ = pictures
     out = tmp_path / "inputs"
     assert predict("--save-input", str(out), *map(str, paths[:2]), cwd=reproduced).returncode == 0
@@ -134,18 +147,18 @@ def test_save_input_writes_the_28x28_each_picture_became(reproduced, pictures, t
         assert path.read_bytes() == to_png(load_image(picture))
 
 
-def test_save_input_refuses_an_unusable_folder_before_any_work(reproduced, pictures, tmp_path):
+def test_save_input_refuses_an_unusable_folder_before_any_work(predict, reproduced, pictures, tmp_path):
     paths, _, _ = pictures
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     for folder, reason in [(a_file, "exists and is not a folder"), (a_file / "sub", "cannot create the folder")]:
         result = predict("--save-input", str(folder), str(paths[0]), cwd=reproduced)
         assert result.returncode == 2 and result.stdout == "", result.stderr
-        assert "Traceback" not in result.stderr and f"--save-input: " in result.stderr
+        assert "Traceback" not in result.stderr and "--save-input: " in result.stderr
         assert reason in result.stderr.strip().splitlines()[-1]
 
 
-def test_save_input_shortens_a_long_picture_name(reproduced, pictures, tmp_path):
+def test_save_input_shortens_a_long_picture_name(predict, reproduced, pictures, tmp_path):
     paths, _, _ = pictures
     long = tmp_path / ("x" * 240 + ".png")  # a legal name; with the number and temp suffix it was not
     long.write_bytes(paths[1].read_bytes())
@@ -161,7 +174,7 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped(reproduced, pictures, t
     paths, _, _ = pictures
     odd = Path(os.fsdecode(bytes(tmp_path) + b"/seven-\xff.png"))
     odd.write_bytes(paths[1].read_bytes())
-    env = {**tool_env(), "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict"}
+    env = {**checkout_env(tool_env()), "PYTHONIOENCODING": "utf-8:strict"}
     result = subprocess.run([sys.executable, "-m", "mnist_dvc.apps.predict", str(paths[0]), str(odd)], cwd=reproduced,
                             env=env, capture_output=True, timeout=120)
     assert result.returncode == 0 and result.stderr == b"", result.stderr.decode(errors="replace")
@@ -175,14 +188,14 @@ def test_a_reader_that_stops_early_gets_no_traceback(reproduced, pictures):
     os.close(read)  # the reader is gone before predict prints (as `predict ... | head -0`)
     try:
         result = subprocess.run([sys.executable, "-m", "mnist_dvc.apps.predict", "--json", *map(str, paths[:3])],
-                                cwd=reproduced, env={**tool_env(), "PYTHONPATH": str(REPO)}, stdout=write,
+                                cwd=reproduced, env=checkout_env(tool_env()), stdout=write,
                                 stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(write)
     assert result.returncode == 1 and result.stderr == "", result.stderr
 
 
-def test_onnx_backend_gives_the_same_answers_as_pytorch(reproduced, pictures):
+def test_onnx_backend_gives_the_same_answers_as_pytorch(predict, reproduced, pictures):
     paths, _, _ = pictures
     torch_answers = json.loads(predict("--json", *map(str, paths), cwd=reproduced).stdout)
     onnx_answers = json.loads(predict("--json", "--onnx", *map(str, paths), cwd=reproduced).stdout)
@@ -196,7 +209,7 @@ def test_onnx_path_never_imports_torch(reproduced, pictures):
     code = ("import sys; from mnist_dvc.apps.predict import main; code = main(['--onnx', sys.argv[1]]); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code, str(pictures[0][0])], cwd=reproduced,
-                            env={**tool_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+                            env=checkout_env(tool_env()), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
@@ -247,7 +260,7 @@ def test_readme_onnx_snippet_classifies_a_picture_with_onnxruntime_numpy_and_pil
     imports = set(re.findall(r"^(?:from|import) (\w+)", snippet, re.M))
     assert imports <= {"numpy", "onnxruntime", "PIL"}, imports
     digit = tiny_mnist_arrays()["test_images"][0]
-    (tmp_path / "digit.png").write_bytes(png(digit))  # a 28x28 white-on-black digit
+    (tmp_path / "digit.png").write_bytes(encode(digit))  # a 28x28 white-on-black digit
     (tmp_path / "models").mkdir()
     (tmp_path / "models/mlp.onnx").write_bytes((reproduced / "models/mlp.onnx").read_bytes())
     env = {key: value for key, value in tool_env().items() if key != "PYTHONPATH"}
