@@ -209,6 +209,8 @@ def read_revision(root: Path, name: str) -> Revision:
             path = f"metrics/predictions/{model}.csv"
             revision.predictions[model] = read_predictions(texts[path], f"{name}:{path}")
         return revision
+    except DvcException as exc:
+        raise ReportError(f"revision {name!r} cannot be read: {exc}") from None
     finally:
         fs.close()
 
@@ -610,9 +612,11 @@ def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out}: exists and is not a folder")
     if out.is_dir():
-        others = [p.name for p in out.iterdir() if p.name not in REPORT_FILES and p.suffix != ".png"]
-        if others or not any((out / name).exists() for name in REPORT_FILES) and any(out.iterdir()):
-            raise ReportError(f"--out {out}: holds other files than a report ({', '.join(sorted(others)[:3])}); "
+        names = sorted(p.name for p in out.iterdir())
+        is_report = any(name in REPORT_FILES for name in names)
+        others = [name for name in names if not is_report or (name not in REPORT_FILES and not name.endswith(".png"))]
+        if others:
+            raise ReportError(f"--out {out}: holds other files than a report ({', '.join(others[:3])}); "
                               "it would be replaced whole, so choose a new folder")
 
 
@@ -633,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
         write_report(args.out, title, sections)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --out cannot be written (permissions, a full disk)
+        print(f"error: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(f"{args.out / 'report.html'}  ({len(revisions)} revisions; Markdown: {args.out / 'report.md'})")
     return 0
