@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFile
 from threadpoolctl import threadpool_limits
 
 from helpers import encode, png_header_only, tiny_mnist_arrays
+from mnist_dvc.apps import images as images_module
 from mnist_dvc.apps.images import CENTRE, MAX_PIXELS, ImageError, load_image, to_mnist, to_png
 
 N_DIGITS = 60  # of the fixture's test digits: 9 variants x 60 = 540 pictures, a few seconds
@@ -301,7 +301,8 @@ def test_white_strokes_on_a_transparent_canvas():
     ImageDraw.Draw(canvas).line([(90, 60), (190, 60), (120, 220)], fill=(255, 255, 255, 255), width=18)
     black = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
     ImageDraw.Draw(black).line([(90, 60), (190, 60), (120, 220)], fill=(0, 0, 0, 255), width=18)
-    np.testing.assert_allclose(to_mnist(encode(canvas)), to_mnist(encode(black)), atol=1e-6)
+    # Pillow composites onto the paper in 8 bits: the two differ only by its rounding (< 1/255).
+    np.testing.assert_allclose(to_mnist(encode(canvas)), to_mnist(encode(black)), atol=2e-3)
 
 
 def seven(size=(400, 400), width=18, ink=(20, 20, 40), paper=(250, 250, 245)) -> Image.Image:
@@ -409,29 +410,44 @@ def test_multi_frame_gif_uses_the_first_frame(fixture_digits, originals):
     assert correlation(to_mnist(data), originals[0]) > 0.9
 
 
-def test_large_photo_is_shrunk_cheaply(fixture_digits, originals):
+def test_large_photo_is_shrunk_before_the_float_work(fixture_digits, originals, monkeypatch):
+    """A 2400x2000 JPEG is decoded at half size (DCT scaling) and reduced to WORK_SIDE before the float work."""
     _, images, _ = fixture_digits
     big = Image.fromarray(images[2]).resize((1800, 1800), Image.BICUBIC)
     paper = Image.new("L", (2400, 2000), 0)
     paper.paste(big, (300, 100))
     data = encode(Image.eval(paper, lambda v: 255 - v).convert("RGB"), "JPEG", quality=85)
-    start = time.perf_counter()
+    seen = []
+    normalise = images_module._normalise
+    monkeypatch.setattr(images_module, "_normalise", lambda grey: seen.append(grey.shape) or normalise(grey))
     image = to_mnist(data)
-    assert time.perf_counter() - start < 1.0
+    assert len(seen) == 1 and max(seen[0]) <= images_module.WORK_SIDE
     assert correlation(image, originals[2]) > 0.9
 
 
-def test_canvas_png_is_fast():
+def test_a_big_digit_is_worked_on_shrunk_and_reads_the_same(monkeypatch):
+    """A canvas drawing's digit, ~160 px, is worked on at half size (still over DIGIT_SIDE): the same 28x28."""
     canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).line([(90, 60), (190, 60), (120, 220)], fill=(0, 0, 0, 255), width=18)
     data = encode(canvas)
-    to_mnist(data)
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        to_mnist(data)
-        times.append(time.perf_counter() - start)
-    assert min(times) < 0.02  # ~2-3 ms on a 2-core machine; generous for a loaded CI runner
+    factors = []
+    shrink_factor = images_module._shrink_factor
+    monkeypatch.setattr(images_module, "_shrink_factor", lambda *args: factors.append(shrink_factor(*args)) or factors[-1])
+    shrunk = to_mnist(data)
+    monkeypatch.setattr(images_module, "_shrink_factor", lambda *args: 1)
+    full_size = to_mnist(data)
+    assert factors == [2]
+    assert correlation(shrunk, full_size) > 0.98 and np.abs(shrunk - full_size).max() < 0.2
+
+
+def test_lines_across_the_picture_keep_it_full_size():
+    """Ruled lines reach the border: the first look cannot tell the digit's size, so nothing is shrunk."""
+    img = seven(size=(600, 600), width=30)
+    assert max(images_module._decode(encode(img)).shape) < 600
+    draw = ImageDraw.Draw(img)
+    for y in range(20, 600, 40):
+        draw.line([(0, y), (600, y)], fill=(60, 90, 200), width=2)
+    assert images_module._decode(encode(img)).shape == (600, 600)
 
 
 # --- bad input: only ImageError, with one clear sentence ------------------------------
@@ -499,22 +515,27 @@ def test_only_noise_or_a_lighting_gradient():
     assert_refused(encode(Image.fromarray(one_pixel)), "no digit found")
 
 
-def test_decompression_bomb_is_refused_from_its_header():
-    start = time.perf_counter()
+def no_decoding(monkeypatch) -> None:
+    """Make any decoding of pixel data fail (to_mnist would then say "corrupt", not "too large")."""
+    def load(self):
+        raise AssertionError("the pixels were decoded")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_decompression_bomb_is_refused_from_its_header(monkeypatch):
+    no_decoding(monkeypatch)
     assert_refused(png_header_only(50_000, 50_000), "too large")
     # Between our limit and Pillow's own (89M pixels): refused by MAX_PIXELS.
     assert_refused(png_header_only(8_000, 6_000), "too large")
-    assert time.perf_counter() - start < 0.5
     assert 8_000 * 6_000 > MAX_PIXELS
 
 
-def test_a_real_bomb_is_refused_without_decoding():
+def test_a_real_bomb_is_refused_without_decoding(monkeypatch):
     """A complete, valid 7000x7000 1-bit PNG (a few KB): over MAX_PIXELS."""
     data = encode(Image.new("1", (7000, 7000), 1), optimize=False)
     assert len(data) < 100_000
-    start = time.perf_counter()
+    no_decoding(monkeypatch)
     assert_refused(data, "too large")
-    assert time.perf_counter() - start < 0.1
 
 
 def test_corrupted_files_raise_only_image_error():
