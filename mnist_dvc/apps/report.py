@@ -324,6 +324,7 @@ def curves_png(revisions: list[Revision]) -> bytes:
                             label=f"{revision.name} · {training}")
         ax.set_title(curve)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.subplots_adjust(left=0.08 / len(names), right=0.99, bottom=0.15, top=0.91, wspace=0.22)  # tight_layout: +1 s
@@ -436,7 +437,7 @@ class Section:
 def to_html(title: str, sections: list[Section]) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;margin:1.5em auto;max-width:1200px;color:#222}"
+           "<style>body{font-family:sans-serif;margin:1.5em auto;padding:0 1em;max-width:1200px;color:#222}"
            "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
            "text-align:right}td:first-child,th:first-child{text-align:left}.diff{color:#666;font-size:.85em}"
            "img{max-width:100%;display:block;margin:.5em 0}figcaption{color:#555;font-size:.9em}</style>",
