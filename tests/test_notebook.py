@@ -8,10 +8,12 @@ on any data are checked here; CI checks the real-data ones (.ci/run).
 from __future__ import annotations
 
 import nbformat
+import pytest
 
 from notebooks.run_tutorial import NOTEBOOK, compare, execute, key_figures, missing_data
 
 
+@pytest.mark.e2e
 def test_tutorial_runs_without_an_error_and_shows_the_lesson(reproduced):
     executed = execute(nbformat.read(NOTEBOOK, as_version=4), reproduced)
     figures = key_figures(executed)
