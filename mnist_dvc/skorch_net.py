@@ -137,10 +137,11 @@ def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val
         module=MLP,
         **module_params(model_params, seed),
         # The module returns raw logits. skorch's default criterion for a
-        # classifier is NLLLoss, which expects log-probabilities: on logits it
-        # takes the "log-likelihood" of unnormalized scores, the loss is
-        # unbounded below, training diverges (train_loss=nan) and accuracy
-        # falls to chance (0.10). CrossEntropyLoss applies log-softmax first.
+        # classifier is NLLLoss, and for it skorch's get_loss takes the log of
+        # the module's output, which it expects to be probabilities: the log
+        # of a negative logit is NaN, so train_loss is nan from the first
+        # batch and the net never learns (chance-level accuracy).
+        # CrossEntropyLoss applies log-softmax to the logits itself.
         criterion=nn.CrossEntropyLoss,
         optimizer=OPTIMIZERS[train_params.optimizer],
         lr=train_params.lr,
