@@ -145,6 +145,9 @@ def test_drawing_reads_digits_in_a_real_browser(browser, reproduced, tmp_path):
         WebDriverWait(browser, WAIT).until(lambda d: "Backend: PyTorch" in text(d, "model-info"))
         for name in ("manual", "skorch"):
             assert f"test accuracy: {metrics[name]['accuracy']:.2%}" in text(browser, f"model-{name}")
+        # Started without --collect: no correction buttons, no line about saving.
+        assert not browser.find_element(By.ID, "feedback").is_displayed()
+        assert not browser.find_element(By.ID, "collect-note").is_displayed()
         browser.execute_script("""
             window.pointerTypes = [];
             document.getElementById("canvas").addEventListener("pointerdown",
@@ -210,6 +213,26 @@ def test_drawing_reads_digits_in_a_real_browser(browser, reproduced, tmp_path):
         # The bad upload's 422 is the only console message.
         errors = console_errors(browser)
         assert len(errors) == 1 and "422" in errors[0], errors
+    finally:
+        server.stop()
+
+
+def test_with_collect_the_page_says_where_corrections_go_and_a_click_saves_one(browser, reproduced, tmp_path):
+    from mnist_dvc.data import read_feedback_labels
+
+    folder = tmp_path / "feedback"
+    server = start_server(reproduced, "--collect", str(folder))
+    try:
+        browser.get(server.url + "/")
+        WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "collect-note").is_displayed())
+        assert f"Corrections are saved on this server, in {folder}" in text(browser, "collect-note")
+        assert browser.find_element(By.ID, "feedback").is_displayed()
+        draw(browser, vertical_stroke(), kind="mouse")
+        wait_for_answer(browser)
+        browser.find_element(By.CSS_SELECTOR, "#feedback-digits button:nth-child(8)").click()  # the 7
+        WebDriverWait(browser, WAIT).until(lambda d: "Saved as 7" in text(d, "feedback-status"))
+        assert list(read_feedback_labels(folder).values()) == [7]
+        assert console_errors(browser) == []
     finally:
         server.stop()
 
