@@ -163,7 +163,7 @@ def revision(name: str, actual: list[int], predicted: list[int], **params) -> re
     arrays = (np.array(actual), np.array(predicted))
     curve = (np.arange(2), np.array([0.5, 0.3]))
     return report.Revision(name, f"commit {name}", params={k: str(v) for k, v in params.items()},
-                           metrics={"evaluate.json: manual.accuracy": float(np.mean(arrays[0] == arrays[1]))},
+                           metrics={"metrics/evaluate.json: manual.accuracy": float(np.mean(arrays[0] == arrays[1]))},
                            curves={"train/loss": {"train": curve, "fit": curve}},
                            predictions={"manual": arrays, "skorch": arrays})
 
@@ -199,3 +199,29 @@ def test_numbers_are_printed_as_dvc_exp_show_does():
     assert report.number(1.3351e-05) == "1.34e-05"
     assert report.number(411539) == "411539"
     assert report.number(-203528, signed=True) == "-203528"
+
+
+def tables(sections) -> dict[str, list[list[str]]]:
+    """Each metrics table's rows, by the file named in the line before it."""
+    found, caption = {}, None
+    for section in sections:
+        for kind, content in section.parts:
+            if kind == "text":
+                caption = content.split(":")[0]
+            elif kind == "table":
+                found[caption] = content[1]
+    return found
+
+
+def test_a_new_metric_key_or_file_is_shown_without_being_named_in_the_report(tmp_path):
+    base = revision("A", [1, 2], [1, 2])
+    other = revision("B", [1, 2], [1, 2])
+    other.metrics["metrics/evaluate.json: feedback_accuracy"] = 0.8125
+    for rev, count in ((base, 3), (other, 5)):
+        rev.metrics["metrics/feedback.json: pictures"] = count
+        rev.metrics["metrics/feedback.json: same"] = 1
+    _, sections = report.build(tmp_path, [base, other])
+    shown = tables(sections)
+    assert ["feedback_accuracy", "-", "0.8125"] in shown["metrics/evaluate.json"]
+    # another metrics file dvc.yaml names: only the values that differ
+    assert shown["metrics/feedback.json"] == [["pictures", "3", "5\n+2"]]

@@ -163,6 +163,21 @@ def read_text(fs, path: str) -> str | None:
         raise ReportError(f"{path} is not UTF-8 text") from None
 
 
+def declared_metrics(dvc_yaml: str | None) -> list[str]:
+    """The metrics files a dvc.yaml names (its top-level ``metrics`` and each stage's), in order."""
+    import yaml
+
+    try:
+        pipeline = yaml.safe_load(dvc_yaml or "") or {}
+    except yaml.YAMLError:
+        return []
+    entries = list(pipeline.get("metrics") or [])
+    for stage in (pipeline.get("stages") or {}).values():
+        entries += (stage.get("metrics") or []) if isinstance(stage, dict) else []
+    paths = [entry if isinstance(entry, str) else next(iter(entry), None) for entry in entries]
+    return list(dict.fromkeys(path for path in paths if isinstance(path, str)))
+
+
 def read_revision(root: Path, name: str) -> Revision:
     """Everything the report shows of revision ``name``, read through ``dvc.api.DVCFileSystem``."""
     import yaml
@@ -187,14 +202,14 @@ def read_revision(root: Path, name: str) -> Revision:
             raise ReportError(f"{name}:params.yaml is not valid YAML") from None
         revision.params = {key: json.dumps(value) if isinstance(value, list) else str(value)
                            for key, value in flatten(params).items()}
-        for path in METRIC_FILES:
-            if texts[path] is not None:
+        for path in [*METRIC_FILES, *declared_metrics(read_text(fs, "dvc.yaml"))]:
+            text = texts[path] if path in texts else read_text(fs, path)
+            if text is not None and not any(key.startswith(f"{path}: ") for key in revision.metrics):
                 try:
-                    values = json.loads(texts[path])
-                except json.JSONDecodeError:
-                    raise ReportError(f"{name}:{path} is not valid JSON") from None
-                revision.metrics.update({f"{Path(path).name}: {key}": value
-                                         for key, value in flatten(values).items()})
+                    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+                except (json.JSONDecodeError, yaml.YAMLError):
+                    raise ReportError(f"{name}:{path} is not valid JSON or YAML") from None
+                revision.metrics.update({f"{path}: {key}": value for key, value in flatten(values).items()})
         for training, folder in TRAININGS.items():
             plots = f"{folder}/plots/metrics"
             for path in sorted(fs.find(plots)):
@@ -237,9 +252,9 @@ def params_that_differ(revisions: list[Revision]) -> list[tuple[str, list[str]]]
     return [(key, values) for key, values in rows if len(set(values)) > 1]
 
 
-def metric_rows(revisions: list[Revision], file_name: str) -> list[tuple[str, list[str], list[str]]]:
-    """(key, values, differences from the baseline) for every key of ``file_name`` any revision has."""
-    prefix = f"{file_name}: "
+def metric_rows(revisions: list[Revision], path: str) -> list[tuple[str, list[str], list[str]]]:
+    """(key, values, differences from the baseline) for every key of the metrics file ``path`` any revision has."""
+    prefix = f"{path}: "
     keys = list(dict.fromkeys(key[len(prefix):] for revision in revisions for key in revision.metrics
                               if key.startswith(prefix)))
     rows = []
@@ -551,15 +566,25 @@ def build(root: Path, revisions: list[Revision]) -> tuple[str, list[Section]]:
     metrics = Section("Metrics")
     metrics.text("Every number in each file; under a value, its difference from "
                  f"{revisions[0].name}. Accuracy, loss and macro F1 are on the test set.")
-    for path, about in METRIC_FILES.items():
-        rows = metric_rows(revisions, Path(path).name)
+    others = list(dict.fromkeys(key.split(": ", 1)[0] for r in revisions for key in r.metrics
+                                if key.split(": ", 1)[0] not in METRIC_FILES))
+    unchanged = []
+    for path in [*METRIC_FILES, *others]:
+        rows = metric_rows(revisions, path)
+        if path in others:  # the other metrics files dvc.yaml names: only what differs
+            rows = [row for row in rows if len(set(row[1])) > 1]
+            if not rows:
+                unchanged.append(path)
+                continue
         if rows:
-            metrics.text(f"{path}: {about}")
+            metrics.text(f"{path}: {METRIC_FILES.get(path, 'the values that differ')}")
             metrics.table(["metric", *names],
                           [[key, *(v + (f"\n{d}" if d else "") for v, d in zip(values, diffs))]
                            for key, values, diffs in rows],
                           [[{}, *({"rev": r.name, "file": path, "key": key} for r in revisions)]
                            for key, _, _ in rows])
+    if unchanged:
+        metrics.text(f"The same in every revision: {', '.join(unchanged)}.")
     sections.append(metrics)
 
     curves = Section("Curves per epoch")
