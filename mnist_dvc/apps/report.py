@@ -614,9 +614,9 @@ def build(root: Path, revisions: list[Revision]) -> tuple[str, list[Section]]:
     if len(comparable) > 1:
         digits = Section("Test digits that changed")
         images, why_not = test_images(root, comparable)
-        if why_not:
-            digits.text(why_not)
         changed_digits(comparable, images, digits)
+        if why_not and any(kind == "text" and "test indices" in content for kind, content in digits.parts):
+            digits.parts.insert(0, ("text", why_not))
         sections.append(digits)
     return title, sections
 
@@ -667,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # --out cannot be written (permissions, a full disk)
         print(f"error: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    print(f"{args.out / 'report.html'}  ({len(revisions)} revisions; Markdown: {args.out / 'report.md'})")
+    count = f"{len(revisions)} revision{'s' if len(revisions) > 1 else ''}"
+    print(f"{args.out / 'report.html'}  ({count}; Markdown: {args.out / 'report.md'})")
     return 0
 
 
