@@ -17,7 +17,8 @@ It writes DIR (default ``reports``):
 
 Side by side for each revision: the params that differ; every number in
 metrics/evaluate.json, tune.json and export.json with its difference from
-the baseline; the per-epoch curves (train loss, and the validation curves
+the baseline (and, of the other metrics files dvc.yaml names, the values
+that differ); the per-epoch curves (train loss, and the validation curves
 where present) of every revision on shared axes; both models' confusion
 matrices and how they changed; and, as pictures, the test digits a revision
 reads right that the baseline read wrong, and the other way round (the test
@@ -72,7 +73,7 @@ class Revision:
     name: str
     label: str = ""
     params: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, object] = field(default_factory=dict)  # "evaluate.json: manual.accuracy" -> value
+    metrics: dict[str, object] = field(default_factory=dict)  # "metrics/evaluate.json: manual.accuracy" -> value
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # curve -> training
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # model -> actual, predicted
 
@@ -202,9 +203,9 @@ def read_revision(root: Path, name: str) -> Revision:
             raise ReportError(f"{name}:params.yaml is not valid YAML") from None
         revision.params = {key: json.dumps(value) if isinstance(value, list) else str(value)
                            for key, value in flatten(params).items()}
-        for path in [*METRIC_FILES, *declared_metrics(read_text(fs, "dvc.yaml"))]:
+        for path in dict.fromkeys([*METRIC_FILES, *declared_metrics(read_text(fs, "dvc.yaml"))]):
             text = texts[path] if path in texts else read_text(fs, path)
-            if text is not None and not any(key.startswith(f"{path}: ") for key in revision.metrics):
+            if text is not None:
                 try:
                     values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
                 except (json.JSONDecodeError, yaml.YAMLError):
