@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from mnist_dvc.data import IMAGE_SIDE
 from mnist_dvc.onnx_runtime import check_contract, onnx_session
@@ -76,7 +77,8 @@ class Predictor:
     def probabilities(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """float32 (N, 28, 28) in [0, 1], white on black -> {name: softmax probabilities (N, 10)}."""
         images = np.ascontiguousarray(images, dtype=np.float32).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
-        return {name: softmax(run(images)) for name, run in self._run.items()}
+        # float64, so that each row sums to 1 to ~1e-15 (scipy is loaded anyway: images.py uses it)
+        return {name: softmax(np.asarray(run(images), dtype=np.float64), axis=1) for name, run in self._run.items()}
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of each loaded model file, to say exactly which models answer."""
@@ -89,13 +91,6 @@ class Predictor:
         except (OSError, ValueError):
             metrics = {}
         return {name: (metrics.get(name) or {}).get("accuracy") for name in MODELS}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (rows sum to 1 to ~1e-15)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def describe(probabilities: np.ndarray) -> dict:
