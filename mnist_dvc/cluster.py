@@ -152,6 +152,20 @@ def _describe(exc: BaseException) -> str:
     return chain[-1] + "".join(f", in {outer}" for outer in reversed(chain[:-1]))
 
 
+def cluster_failure(exc: Exception, address: str) -> str:
+    """The stage's line for a fit's task that Dask failed (``exc``, raised by its future).
+
+    A lost scheduler comes two ways, depending on the moment: the futures
+    cancelled for ``scheduler-connection-lost``, or, for a fit that had just
+    finished, the connection reset while its result was being fetched.
+    """
+    if isinstance(exc, OSError) or getattr(exc, "reason", None) == "scheduler-connection-lost":
+        return (f"lost the connection to the Dask cluster at {address} mid-search ({_describe(exc)}); "
+                f"check that its scheduler still runs, then rerun tune")
+    return (f"a grid-search task failed on the Dask cluster at {address} ({_describe(exc)}); "
+            f"see the scheduler's and workers' logs")
+
+
 def workers_timeout() -> float:
     """Seconds without a worker before tune gives up: Dask's ``distributed.scheduler.no-workers-timeout``
     (e.g. ``DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT=2m``) if set, else WORKERS_TIMEOUT."""
@@ -332,9 +346,7 @@ def fit_on_cluster(search, images, labels, address: str) -> dict:
                         try:
                             result, failure = future.result()
                         except Exception as exc:  # Dask failed the task: KilledWorker, unpicklable, cancelled
-                            raise StageError(
-                                f"a grid-search task failed on the Dask cluster at {address} "
-                                f"({_describe(exc)}); see the scheduler's and workers' logs") from None
+                            raise StageError(cluster_failure(exc, address)) from None
                         if failure is not None:
                             raise failure[0] from FitTraceback(failure[1])
                         scores[c, k], fit_times[c, k] = result

@@ -192,3 +192,18 @@ def test_a_fit_that_fails_on_a_worker_comes_back_as_its_exception_and_traceback(
 class DivideByZeroFit(BaseEstimator):
     def fit(self, images, labels):
         return 1 / 0
+
+
+def test_a_lost_scheduler_reads_the_same_however_dask_reports_it():
+    from distributed.client import FutureCancelledError
+    from distributed.comm import CommClosedError
+
+    address = "tcp://10.0.0.1:8786"
+    lost = f"lost the connection to the Dask cluster at {address} mid-search ("
+    for exc in (FutureCancelledError("tune-fit-0-0-abc", "scheduler-connection-lost"),
+                ConnectionResetError(104, "Connection reset by peer"), CommClosedError("in <TCP>: closed")):
+        assert cluster.cluster_failure(exc, address).startswith(lost), exc
+    for exc in (FutureCancelledError("tune-fit-0-0-abc", "lost dependencies"), RuntimeError("deserialization"),
+                ImportError("No module named 'skorch'")):
+        assert cluster.cluster_failure(exc, address).startswith(
+            f"a grid-search task failed on the Dask cluster at {address} ("), exc
