@@ -121,27 +121,22 @@ def write_mirror(folder: Path, arrays: dict[str, np.ndarray] | None = None) -> d
 
 # --- params.yaml ----------------------------------------------------------------------
 
-def set_key(params: dict, dotted: str, value) -> None:
-    """``params["a"]["b"] = value`` for ``dotted`` "a.b"."""
+def set_key(params: dict, dotted: str, value) -> Any:
+    """``params["a"]["b"] = value`` for ``dotted`` "a.b"; the value it had (None where there was none)."""
     *parents, last = dotted.split(".")
     node = params
     for part in parents:
         node = node[part]
+    before = node.get(last)
     node[last] = value
+    return before
 
 
 def edit_params(path: Path | str, changes: dict[str, Any]) -> dict[str, Any]:
     """Set each dotted key of ``changes`` in the YAML file ``path``; return the values they had."""
     path = Path(path)
     params = yaml.safe_load(path.read_text())
-    before = {}
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        before[dotted] = node.get(last)
-        set_key(params, dotted, value)
+    before = {dotted: set_key(params, dotted, value) for dotted, value in changes.items()}
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return before
 
