@@ -34,10 +34,11 @@ use 422, an unsupported content type 415, a form without a file ``file`` 400.
 Connection limits and idle timeouts are uvicorn's (``limit_concurrency``
 answers a plain-text 503, ``timeout_keep_alive``).
 
-The little CPU work of a request (``to_mnist``, ~2.5 times a bare decode and
-resize of a canvas PNG; both forward passes, ~0.1 ms) runs inline on the event loop: it is the fastest way on a small
-machine, and one picture is decoded at a time, which bounds the memory a
-burst of large uploads can take.
+The little CPU work of a request (``to_mnist``, ~2.5 times a bare decode
+and resize of a canvas PNG; both forward passes, ~0.1 ms) runs inline on
+the event loop: it is the fastest way on a small machine, and one picture
+is decoded at a time, which bounds the memory a burst of large uploads can
+take.
 """
 
 from __future__ import annotations
