@@ -31,9 +31,6 @@ if __name__ == "__main__":  # as a script: import this checkout's mnist_dvc, as 
 
 import pytest
 from PIL import Image
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions import interaction
 from selenium.webdriver.common.actions.action_builder import ActionBuilder
@@ -42,35 +39,20 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from helpers import canvas_stroke, scanned_digits, start_server  # noqa: E402
+from helpers import (CHROMEDRIVER, CHROMIUM, canvas_stroke, chromium, missing_browser, scanned_digits,  # noqa: E402
+                     start_server)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT = 20  # s for an answer; ~50 ms on an idle machine
 SIDE = 280  # the canvas's own pixels
 
 pytestmark = pytest.mark.e2e
 
 
-def chromium(download_dir: Path, width: int = 1180, height: int = 860):
-    """Headless Chromium with the system driver (never Selenium Manager), logging the console."""
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--no-first-run", "--hide-scrollbars", f"--user-data-dir={download_dir / 'profile'}",
-                     f"--window-size={width},{height}", "--force-device-scale-factor=1"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-
-
 @pytest.fixture
 def browser(tmp_path):
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
-    if missing:
-        pytest.skip(f"no browser for this test: {', '.join(missing)} not installed "
-                    "(Debian: apt-get install chromium chromium-driver)")
+    reason = missing_browser()
+    if reason:
+        pytest.skip(reason)
     driver = chromium(tmp_path)
     yield driver
     driver.quit()
