@@ -218,7 +218,7 @@ def _greyscale(img: Image.Image) -> np.ndarray:
         visible = np.asarray(alpha) > 0
         # Paper is white, unless the visible pixels are mostly light (white strokes on a
         # transparent canvas, however faint), where a white background would hide the drawing.
-        light = visible.any() and np.median(np.asarray(luma)[visible]) > 190
+        light = 2 * np.count_nonzero(visible & (np.asarray(luma) > 190)) > np.count_nonzero(visible)
         img = Image.composite(luma, Image.new("L", img.size, 0 if light else 255), alpha)
     elif mode == "LAB":
         img = img.getchannel("L")  # lightness
