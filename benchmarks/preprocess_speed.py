@@ -2,8 +2,10 @@
 
 For each picture, times ``to_mnist(data)`` and the least any reader of the
 picture pays, ``Image.open(data).convert("L").resize((28, 28))``, alternately
-(so that a busy machine slows both alike), and prints the best time of each
-over ``--repeat`` rounds of ``--number`` calls, and their ratio. The pictures:
+(so that a busy machine slows both alike), and prints the best CPU time of
+this process (``time.process_time``: other processes' turns on the CPU do
+not count) of each over ``--repeat`` rounds of ``--number`` calls, and their
+ratio. The pictures:
 
 - canvas: the 280x280 PNG of a drawn "3" that ``serve_load.py`` sends (what
   the page sends: dark strokes on a transparent canvas);
@@ -65,10 +67,10 @@ def best_of(pictures: dict[str, bytes], number: int, repeat: int) -> dict[str, d
         times = {"to_mnist": [], "bare": []}
         for _ in range(repeat):
             for label, function in (("bare", bare), ("to_mnist", to_mnist)):
-                start = time.perf_counter()
+                start = time.process_time()
                 for _ in range(number):
                     function(data)
-                times[label].append((time.perf_counter() - start) / number * 1000)
+                times[label].append((time.process_time() - start) / number * 1000)
         best = {label: min(values) for label, values in times.items()}
         results[name] = {"to_mnist_ms": best["to_mnist"], "bare_ms": best["bare"],
                          "ratio": best["to_mnist"] / best["bare"], "bytes": len(data)}
