@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import os
 import select
 import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from conftest import REPO, tiny_mnist_arrays
-from test_images import png_header_only
+from helpers import REPO, Server, canvas_stroke, checkout_env, encode, png_header_only, scanned_digits, start_server
 
 from mnist_dvc.apps.images import to_mnist
 from mnist_dvc.apps.inference import Predictor
@@ -37,92 +33,6 @@ from mnist_dvc.apps import serve
 from mnist_dvc.apps.serve import MAX_BODY, create_app
 
 pytestmark = pytest.mark.e2e
-
-START_TIMEOUT = 60  # s; start-up is ~3 s, more when the other xdist worker trains
-
-
-class Server:
-    """``python -m mnist_dvc.apps.serve`` on a free port; ``stop()`` ends it."""
-
-    def __init__(self, root: Path, *args: str):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_dvc.apps.serve", "--root", str(root), "--port", "0", *args],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        for stream, lines in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr)):
-            threading.Thread(target=self._collect, args=(stream, lines), daemon=True).start()
-        self.url = self._wait_for_url()
-
-    @staticmethod
-    def _collect(stream, lines: list[str]) -> None:
-        for line in stream:
-            lines.append(line)
-
-    def _wait_for_url(self) -> str | None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            for line in list(self.stdout):
-                if line.startswith("Serving on http://"):
-                    return line.split()[2].rstrip("/")
-            if self.process.poll() is not None:
-                self.process.wait()
-                time.sleep(0.1)  # let the readers collect the last lines
-                return None
-            time.sleep(0.05)
-        raise AssertionError(f"the server printed no URL within {START_TIMEOUT} s: {self.stdout} {self.stderr}")
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.alive():
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_server(root: Path, *args: str) -> Server:
-    """A running server (or an AssertionError with its output), ready for requests."""
-    server = Server(root, *args)
-    if server.url is None:
-        raise AssertionError(f"the server exited {server.process.returncode}: {''.join(server.stderr)}")
-    response = httpx.get(f"{server.url}/api/health", timeout=30)
-    assert response.status_code == 200, response.text
-    return server
-
-
-
-# --- pictures ---------------------------------------------------------------------------------
-
-def png(img: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def scanned_digits(count: int = 6) -> list[bytes]:
-    """Fixture test digits, dark on light and enlarged to 280x280, like a scan."""
-    images = tiny_mnist_arrays()["test_images"][:count]
-    return [png(Image.fromarray(255 - image).resize((280, 280), Image.BICUBIC)) for image in images]
-
-
-def canvas_stroke() -> bytes:
-    """A vertical stroke as the page draws it: dark, 20 px, round caps, on a transparent 280x280 canvas."""
-    img = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(img)
-    draw.line([(140, 50), (140, 230)], fill=(17, 24, 39, 255), width=20)
-    for y in (50, 230):
-        draw.ellipse([130, y - 10, 150, y + 10], fill=(17, 24, 39, 255))
-    return png(img)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +126,7 @@ def test_predictions_match_the_predict_command(app, reproduced, tmp_path):
         paths.append(tmp_path / f"{index}.png")
         paths[-1].write_bytes(picture)
     cli = subprocess.run([sys.executable, "-m", "mnist_dvc.apps.predict", "--json", "--models-root", str(reproduced),
-                          *map(str, paths)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          *map(str, paths)], cwd=REPO, env=checkout_env(),
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     expected = json.loads(cli.stdout)
@@ -283,7 +193,7 @@ def test_bad_uploads_get_a_clear_4xx(app):
         "not an image": (post(b"just some text, not a picture"), 422, "not an image"),
         "truncated PNG": (post(good[: len(good) // 2]), 422, "corrupt or truncated"),
         "empty body": (post(b""), 422, "empty"),
-        "one colour": (post(png(Image.new("L", (280, 280), 255))), 422, "no digit found"),
+        "one colour": (post(encode(Image.new("L", (280, 280), 255))), 422, "no digit found"),
         "decompression bomb": (post(bomb), 422, "too large"),
         "text/plain": (post(good, "text/plain"), 415, "unsupported content type 'text/plain'"),
         "JSON": (post(b'{"image": 1}', "application/json"), 415, "unsupported content type"),

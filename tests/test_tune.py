@@ -17,6 +17,7 @@ import torch
 import yaml
 from sklearn.base import BaseEstimator, clone
 
+from helpers import edit_params
 from mnist_dvc import cluster
 from mnist_dvc.data import load_stored_split
 from mnist_dvc.params import load_section
@@ -72,9 +73,7 @@ def test_same_seed_gives_byte_identical_outputs_whatever_n_jobs(prepared):
         assert first[key].read_bytes() == second[key].read_bytes(), key
     # Two worker processes: the Pipeline is pickled to them, and each fit
     # pins its threads and seeds dropout itself (ReproducibleFit).
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["tune"]["n_jobs"] = 2
-    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params("params.yaml", {"tune.n_jobs": 2})
     parallel = run_tune(prepared, "parallel")
     for key in first:
         assert first[key].read_bytes() == parallel[key].read_bytes(), key

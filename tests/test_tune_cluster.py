@@ -17,6 +17,7 @@ grid-search task and which data keys the task depended on, a worker plugin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -35,8 +36,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import GridSearchCV
 
-from conftest import DVC, dvc, ran_stages, set_key, sh, stage_command, tool_env
-from s3server import free_ports
+from helpers import ALWAYS_RUN, DVC, dvc, edit_params, free_ports, ran_stages, sh, stage_command, tool_env
 from mnist_dvc.cluster import ENV_VAR, FitTraceback, connect, fit_on_cluster
 from mnist_dvc.stage import StageError
 
@@ -229,8 +229,8 @@ def test_on_a_cluster_tune_reruns_nothing_and_reproduces_the_local_bytes(copy_pr
         threads_before = {w: torch_threads(client, w) for w in client.scheduler_info(n_workers=-1)["workers"]}
 
     # The address is not a DVC param: with it set, an up-to-date project stays so.
-    status = dvc("status", cwd=repo, env=env, check=False)
-    assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
+    status = dvc("status", "--json", cwd=repo, env=env, check=False)
+    assert json.loads(status.stdout) == {name: ["always changed"] for name in ALWAYS_RUN}, status.stdout + status.stderr
     repro = dvc("repro", cwd=repo, env=env, check=False)
     assert repro.returncode == 0 and ran_stages(repro.stdout) == set(), repro.stdout + repro.stderr
 
@@ -334,11 +334,8 @@ def test_a_worker_killed_mid_search_loses_nothing(copy_project, start_cluster, t
 
 def test_a_scheduler_lost_mid_search_ends_the_stage_in_one_line(copy_project, start_cluster):
     repo = copy_project()
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for setting in LONG_SEARCH:
-        key, value = setting.split("=")
-        set_key(params, key, yaml.safe_load(value))
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(repo / "params.yaml", {key: yaml.safe_load(value)
+                                       for key, value in (setting.split("=") for setting in LONG_SEARCH)})
     cluster = start_cluster(workers=2)
     stage = subprocess.Popen([*stage_command("tune")], cwd=repo, env=cluster_env(cluster.address),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
