@@ -1,26 +1,27 @@
-"""feedback: make sure the collected corrections are here, and record what they hold.
+"""feedback: check that the collected corrections are here, and record what they hold.
 
 In:  data/feedback/ (labels.csv and <sha256>.png, written by
-     `python -m mnist_dvc.apps.serve --collect data/feedback`); data/feedback.dvc
-     once the collection is versioned (`dvc add data/feedback`).
-Out: data/feedback/labels.csv with its header only, where nothing was
-     collected and there is no data/feedback.dvc (a fresh clone);
+     `python -m mnist_dvc.apps.serve --collect data/feedback`), maybe absent;
+     data/feedback.dvc once the collection is versioned (`dvc add data/feedback`).
+Out: metrics/feedback.json   {"pictures": N, "per_class": {"0": n, ...}, "labels_sha256": ...}
      /feedback in data/.gitignore, where it is missing: the pictures are
-     versioned by DVC, never committed to git by a `git add -A`;
-     metrics/feedback.json   {"pictures": N, "per_class": {"0": n, ...}}
+     versioned by DVC, never committed to git by a `git add -A`.
 
-preprocess depends on data/feedback, and a DVC dependency must exist: this
-stage, ``always_changed`` in dvc.yaml, runs first on every `dvc repro` and
-creates the folder until there is a data/feedback.dvc. Where the .dvc file is
-committed but its data was not pulled, it stops with one line saying so: DVC
-would otherwise record the empty folder in the .dvc file and train without
-the corrections. Its record, the same bytes while the collection is the same,
-lets preprocess skip when nothing changed.
+preprocess reads data/feedback but depends on this record instead: a DVC
+dependency must exist, and the folder does not in a fresh clone. The record
+is in git and names the collection by the sha256 of its sorted labels.csv;
+every picture is named by the sha256 of its bytes, so the same record means
+the same pictures and labels, and preprocess reruns exactly when they change.
+This stage is ``always_changed`` in dvc.yaml, so every `dvc repro` refreshes
+the record. Where data/feedback.dvc is committed but its data was not pulled,
+it stops with one line instead: training would otherwise go on without the
+corrections.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 from mnist_dvc.data import FEEDBACK_LABELS, N_CLASSES, format_feedback_labels, missing_feedback, read_feedback_labels
@@ -83,14 +84,14 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             raise StageError(f"{folder / FEEDBACK_LABELS} lists {len(missing)} pictures that are not in {folder} "
                              f"(the first: {missing[0]}): remove their lines or restore the files")
-        if not (folder / FEEDBACK_LABELS).exists():
-            with atomic_path(folder / FEEDBACK_LABELS) as tmp:
-                tmp.write_text(format_feedback_labels({}))
-        ignore_in_git(folder)
+        if folder.exists():
+            ignore_in_git(folder)
     per_class = [0] * N_CLASSES
     for label in labels.values():
         per_class[label] += 1
-    write_json(args.record, {"pictures": len(labels), "per_class": {str(c): n for c, n in enumerate(per_class)}})
+    digest = hashlib.sha256(format_feedback_labels(labels).encode()).hexdigest()
+    write_json(args.record, {"pictures": len(labels), "per_class": {str(c): n for c, n in enumerate(per_class)},
+                             "labels_sha256": digest})
     print(f"{folder}: {len(labels)} corrected pictures")
 
 

@@ -164,10 +164,14 @@ def test_with_no_or_an_empty_feedback_folder_preprocess_writes_exactly_the_files
     without = processed_bytes(), (prepared / "metrics/data.json").read_bytes()
     assert sorted(without[0]) == sorted(f"{s}_{p}.npy" for s in ("train", "val", "test") for p in ("images", "labels"))
     assert set(json.loads(without[1])) == {"train", "val", "test"}
-    feedback.main([])  # a fresh clone's repro: the stage makes the folder with labels.csv's header only
-    assert labels_csv(prepared / "data/feedback") == "file,label\n"
+    feedback.main([])  # a fresh clone's repro: nothing collected, no folder made
+    assert not (prepared / "data/feedback").exists()
+    empty = json.loads((prepared / "metrics/feedback.json").read_text())
+    assert empty["pictures"] == 0
+    FeedbackStore(prepared / "data/feedback")  # a server with --collect starts an empty collection
+    feedback.main([])
     assert (prepared / "data/.gitignore").read_text().splitlines()[-1] == "/feedback"  # never in git by accident
-    assert json.loads((prepared / "metrics/feedback.json").read_text())["pictures"] == 0
+    assert json.loads((prepared / "metrics/feedback.json").read_text()) == empty  # same record: preprocess skips
     preprocess.main([])
     assert (processed_bytes(), (prepared / "metrics/data.json").read_bytes()) == without
 
@@ -260,7 +264,16 @@ def test_the_feedback_stage_records_what_was_collected(workdir):
     dvc_add_record(workdir / "data/feedback", 13)
     feedback.main([])
     record = json.loads((workdir / "metrics/feedback.json").read_text())
-    assert record == {"pictures": 12, "per_class": {str(d): 2 if d < 2 else 1 for d in range(10)}}
+    digest = hashlib.sha256(labels_csv(workdir / "data/feedback").encode()).hexdigest()
+    assert record == {"pictures": 12, "per_class": {str(d): 2 if d < 2 else 1 for d in range(10)},
+                      "labels_sha256": digest}
+    # A relabelled picture is a new record (preprocess depends on it, not on the folder).
+    names, images, labels = load_feedback(workdir / "data/feedback")
+    stored = FeedbackStore(workdir / "data/feedback").add(images[0] / np.float32(255), (int(labels[0]) + 1) % 10)
+    assert stored.file == names[0] and not stored.created
+    feedback.main([])
+    relabelled = json.loads((workdir / "metrics/feedback.json").read_text())
+    assert relabelled["pictures"] == 12 and relabelled["labels_sha256"] != digest
 
 
 # --- the endpoint, in process (httpx's ASGI transport) over the reproduced models -----------

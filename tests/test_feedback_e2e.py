@@ -31,7 +31,7 @@ def collect_fixture_corrections(repo, count: int = 60) -> None:
 
 def test_dvc_add_then_repro_trains_on_the_corrections_and_reports_their_accuracy(copy_project):
     repo = copy_project()
-    assert (repo / "data/feedback/labels.csv").read_text() == "file,label\n"  # made by the feedback stage
+    assert not (repo / "data/feedback").exists()  # nothing collected: no folder, nothing to create
     collect_fixture_corrections(repo)
     # The README's commands.
     dvc("add", "data/feedback", cwd=repo)
