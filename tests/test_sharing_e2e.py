@@ -124,6 +124,10 @@ def test_exp_run_is_listed_by_exp_show_and_exp_push_and_pull_share_it_without_re
     # the reproduced one, which retrained (test_pipeline_e2e checks what it ran).
     repo = tmp_path / "repo"
     shutil.copytree(experiments, repo, symlinks=True)
+    # The shared workspace holds exp-b's results, validation curves included: start from a
+    # clean HEAD, as a person would, so that none of exp-b's files are taken for exp-a's.
+    sh("git", "checkout", "-q", "-f", "HEAD", cwd=repo, timeout=60)
+    sh("git", "clean", "-fdq", "--", "metrics", "plots", cwd=repo, timeout=60)
     dvc("exp", "apply", "exp-a", cwd=repo, timeout=300)  # the workspace as exp-a's run left it
     add_s3_remote(repo, s3_remote, commit=False)  # exp-a's baseline stays HEAD
     origin = tmp_path / "origin.git"
