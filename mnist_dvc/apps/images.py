@@ -246,7 +246,28 @@ def _mad(values: np.ndarray) -> float:
     Two lines rather than scipy.stats.median_abs_deviation(scale="normal"):
     importing scipy.stats adds over a second to every predict and serve start.
     """
-    return 1.4826 * float(np.median(np.abs(values - np.median(values)))) if values.size else 0.0
+    return 1.4826 * float(_median(np.abs(values - _median(values)))) if values.size else 0.0
+
+
+def _median(values: np.ndarray):
+    """``np.median(values)``, the same value, at a fraction of its overhead on small arrays."""
+    flat = values.ravel()
+    low, high = (flat.size - 1) // 2, flat.size // 2  # the middle one, or the middle two
+    part = np.partition(flat, (low, high))
+    a, b = part[low], part[high]
+    if flat.dtype.kind in "biu":
+        a, b = np.float64(a), np.float64(b)
+    return (a + b) / 2  # np.median's mean of the middle two: float32 stays float32, integers become float64
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear interpolation; ``values`` not empty) to float rounding,
+    by one partition without its overhead."""
+    position = q / 100 * (values.size - 1)
+    low = math.floor(position)
+    high = min(low + 1, values.size - 1)
+    part = np.partition(values.ravel(), (low, high))
+    return float(part[low]) + (position - low) * (float(part[high]) - float(part[low]))
 
 
 def _edge_mask(shape: tuple[int, int]) -> np.ndarray:
@@ -270,9 +291,9 @@ def _background(grey: np.ndarray) -> tuple[np.ndarray | np.float32, float]:
     sample = grey[::step, ::step]
     edge = _edge_mask(sample.shape)
     border = sample[edge]
-    level = np.median(border)
+    level = _median(border)
     # A frame or a desk all around the sheet: the border is not the paper, most of the picture is.
-    overall = np.median(sample)
+    overall = _median(sample)
     near = np.abs(sample - overall) <= 0.1
     if abs(level - overall) > 0.3 and near.mean() >= FRAME_PAPER and not near[edge].any():
         return np.float32(overall), _mad(sample[near])
@@ -360,7 +381,7 @@ def _strokes(ink: np.ndarray, sigma: float) -> np.ndarray:
     left, right = min(b[1].start for b in boxes), max(b[1].stop for b in boxes)
     ink, labels = ink[top:bottom, left:right], labels[top:bottom, left:right]
     kept = keep[labels]
-    level = float(np.percentile(ink[kept], 90))
+    level = _percentile(ink[kept], 90)
     strokes = np.clip((ink - floor) * np.float32(1 / max(level - floor, 1e-6)), 0, 1)
     strokes[~kept] = 0
     return strokes
@@ -445,7 +466,10 @@ def _without_thin_lines(mask: np.ndarray, labels: np.ndarray, sheet: np.ndarray,
 def _stroke_width(mask: np.ndarray) -> float:
     """Mean stroke width in pixels: twice the area over the boundary length."""
     area = int(mask.sum())
-    boundary = area - int(ndimage.binary_erosion(mask).sum())
+    # ndimage.binary_erosion(mask)'s count (a cross, outside the array is background), 5x cheaper by slices.
+    m = _pad(mask, 1, 1, 1, 1)
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    boundary = area - int(inner.sum())
     return 2 * area / max(boundary, 1)
 
 
@@ -481,7 +505,7 @@ def _render(a: np.ndarray) -> np.ndarray:
     """
     h, w = a.shape
     scale = (BOX - 1) / (max(h, w) - 1) if max(h, w) > 1 else 1.0
-    cy, cx = ndimage.center_of_mass(a)
+    cy, cx = _centre_of_mass(a)
     # Where the crop's top-left corner lands in the output (continuous coordinates, pixel k spans [k, k+1)).
     left = min(max(CENTRE[1] + 0.5 - (cx + 0.5) * scale, 0.0), SIDE - w * scale)
     top = min(max(CENTRE[0] + 0.5 - (cy + 0.5) * scale, 0.0), SIDE - h * scale)
@@ -495,13 +519,13 @@ def _render(a: np.ndarray) -> np.ndarray:
     # REDUCING_GAP source pixels per output pixel: the same picture, a fraction of the work.
     k = int(1 / (scale * REDUCING_GAP))
     if k > 1:
-        a = np.pad(a, ((0, -h % k), (0, -w % k))).reshape(-(-h // k), k, -(-w // k), k).mean(axis=(1, 3))
+        a = np.asarray(Image.fromarray(_pad(a, 0, -h % k, 0, -w % k), mode="F").reduce(k))
         (h, w), scale = a.shape, scale * k
         x0, x1, y0, y1 = x0 / k, x1 / k, y0 / k, y1 / k
     margin = 3 / min(scale, 1) + 1  # the filter's reach
     pad_left, pad_top = math.ceil(max(0.0, -x0) + margin), math.ceil(max(0.0, -y0) + margin)
     pad_right, pad_bottom = math.ceil(max(0.0, x1 - w) + margin), math.ceil(max(0.0, y1 - h) + margin)
-    padded = np.pad(a, ((pad_top, pad_bottom), (pad_left, pad_right)))
+    padded = _pad(a, pad_top, pad_bottom, pad_left, pad_right)
     resample = Image.LANCZOS if scale < 1 else Image.BICUBIC
     box = (x0 + pad_left, y0 + pad_top, x1 + pad_left, y1 + pad_top)
     out = np.asarray(Image.fromarray(padded, mode="F").resize((SIDE, SIDE), resample, box=box))
@@ -511,6 +535,22 @@ def _render(a: np.ndarray) -> np.ndarray:
     # Lanczos rings: faint (< 3%) echoes of the strokes around them; MNIST's background is exactly 0.
     out[out < 0.03] = 0
     return np.minimum(out, 1, out=out)
+
+
+def _pad(a: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """``a`` with rows and columns of zeros around it: ``np.pad``'s result at a tenth of its overhead."""
+    h, w = a.shape
+    out = np.zeros((top + h + bottom, left + w + right), a.dtype)
+    out[top:top + h, left:left + w] = a
+    return out
+
+
+def _centre_of_mass(a: np.ndarray) -> tuple[float, float]:
+    """``ndimage.center_of_mass(a)`` (row, column), the same sums without its overhead."""
+    total = a.sum()
+    rows = np.arange(a.shape[0], dtype=np.float64)[:, None]
+    cols = np.arange(a.shape[1], dtype=np.float64)[None, :]
+    return float((a * rows).sum() / total), float((a * cols).sum() / total)
 
 
 def _shrink_factor(pixels: np.ndarray, white: float) -> int:
@@ -532,7 +572,7 @@ def _shrink_factor(pixels: np.ndarray, white: float) -> int:
     step = max(1, math.ceil(max(h, w) / 64))
     sample = pixels[::step, ::step].astype(np.float32)
     edge = _edge_mask(sample.shape)
-    visible = np.abs(sample - np.median(sample[edge])) > 0.1 * white
+    visible = np.abs(sample - _median(sample[edge])) > 0.1 * white
     labels, count = ndimage.label(visible, structure=_EIGHT)
     if count == 0:
         return 1
