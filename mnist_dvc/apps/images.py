@@ -219,7 +219,8 @@ def _greyscale(img: Image.Image) -> np.ndarray:
         # Paper is white, unless the visible pixels are mostly light (white strokes on a
         # transparent canvas, however faint), where a white background would hide the drawing.
         light = 2 * np.count_nonzero(visible & (np.asarray(luma) > 190)) > np.count_nonzero(visible)
-        img = Image.composite(luma, Image.new("L", img.size, 0 if light else 255), alpha)
+        img = Image.new("L", img.size, 0 if light else 255)
+        img.paste(luma, None, alpha)  # Image.composite(luma, paper, alpha) without its copy of the paper
     elif mode == "LAB":
         img = img.getchannel("L")  # lightness
     elif mode != "L":
@@ -231,7 +232,9 @@ def _greyscale(img: Image.Image) -> np.ndarray:
     k = _shrink_factor(np.asarray(img), 255)
     if k > 1:
         img = img.reduce(k)  # block averages: each k x k square of pixels becomes one
-    return np.asarray(img).astype(np.float32) * np.float32(1 / 255)
+    grey = np.asarray(img).astype(np.float32)
+    grey *= np.float32(1 / 255)  # in place: one float array, not two
+    return grey
 
 
 # --- normalisation ------------------------------------------------------------
