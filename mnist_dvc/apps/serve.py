@@ -131,6 +131,23 @@ async def image_bytes(request: Request) -> bytes:
         return await upload.read()
 
 
+async def model_input(request: Request):
+    """The picture in ``request`` as the models' 28x28 input (/api/predict and /api/feedback alike).
+
+    Raises HTTPException with the reason: a bad upload (see ``image_bytes``) or
+    a picture ``to_mnist`` cannot read (422).
+    """
+    try:
+        data = await image_bytes(request)
+    except ClientDisconnect:
+        # The client went away mid-upload: nobody reads this answer; it only keeps the
+        # disconnect out of the server's log as an "Exception in ASGI application".
+        raise HTTPException(400, "the upload was cut off before its end") from None
+    try:
+        return to_mnist(data)
+    except ImageError as exc:
+        raise HTTPException(422, str(exc)) from None
+
 def refuse_declared_oversize(app: FastAPI):
     """``app`` behind one check: a declared ``Content-Length`` over MAX_BODY gets the JSON 413 at once.
 
@@ -201,16 +218,7 @@ def create_app(predictor: Predictor, store: FeedbackStore | None = None):
     @app.post("/api/predict")
     async def predict(request: Request) -> Response:
         """Both models' answers for one picture: raw body (image/*) or multipart field ``file``."""
-        try:
-            data = await image_bytes(request)
-        except ClientDisconnect:
-            # The client went away mid-upload: nobody reads this answer; it only keeps the
-            # disconnect out of the server's log as an "Exception in ASGI application".
-            return error(400, "the upload was cut off before its end")
-        try:
-            image = to_mnist(data)
-        except ImageError as exc:
-            return error(422, str(exc))
+        image = await model_input(request)
         probabilities = predictor.probabilities(image[None])
         answer = {name: describe(rows[0]) for name, rows in probabilities.items()}
         answer["input"] = image.tolist()
@@ -227,14 +235,7 @@ def create_app(predictor: Predictor, store: FeedbackStore | None = None):
             return error(422, "missing label: send the right digit as POST /api/feedback?label=N, N in 0-9")
         if label not in {str(digit) for digit in range(N_CLASSES)}:
             return error(422, f"label {label[:20]!r} is not a digit 0-9")
-        try:
-            data = await image_bytes(request)
-        except ClientDisconnect:
-            return error(400, "the upload was cut off before its end")
-        try:
-            image = to_mnist(data)
-        except ImageError as exc:
-            return error(422, str(exc))
+        image = await model_input(request)
         try:
             stored = store.add(image, int(label))
         except StoreFull as exc:
