@@ -369,13 +369,18 @@ def confusion_png(revisions: list[Revision]) -> bytes:
                     ax.text(p, t, str(value), ha="center", va="center", fontsize=6,
                             color="white" if value > top / 2 else "black")
             errors = int(counts.sum() - np.trace(counts))
-            ax.set_title(f"{revision.name} · {who}: {errors} errors", fontsize=9)
-            ax.set_xticks(range(N_CLASSES))
-            ax.set_yticks(range(N_CLASSES))
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
+            label_matrix(ax, f"{revision.name} · {who}: {errors} errors")
     adjust_grid(fig, len(revisions))
     return figure_png(fig)
+
+
+def label_matrix(ax, title: str) -> None:
+    """Title, digit ticks and axis names of one 10x10 confusion-matrix panel."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(range(N_CLASSES))
+    ax.set_yticks(range(N_CLASSES))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
 
 
 def changes_png(revisions: list[Revision]) -> bytes:
@@ -398,11 +403,7 @@ def changes_png(revisions: list[Revision]) -> bytes:
             for (t, p), value in np.ndenumerate(change):
                 if value:
                     ax.text(p, t, f"{value:+d}", ha="center", va="center", fontsize=6)
-            ax.set_title(f"{revision.name} minus {revisions[0].name} · {who}", fontsize=9)
-            ax.set_xticks(range(N_CLASSES))
-            ax.set_yticks(range(N_CLASSES))
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
+            label_matrix(ax, f"{revision.name} minus {revisions[0].name} · {who}")
     adjust_grid(fig, len(rows))
     return figure_png(fig)
 
