@@ -153,6 +153,11 @@ def label_outside(labels: np.ndarray) -> int | None:
     return int(np.argmax(outside)) if outside.any() else None
 
 
+def has_split(processed_dir: Path | str, split: str) -> bool:
+    """Whether preprocess wrote ``split`` (``feedback`` and ``feedback_train`` exist only with corrections)."""
+    return all(path.exists() for path in split_paths(processed_dir, split))
+
+
 def load_split(processed_dir: Path | str, split: str):
     """Return ``(images, labels)`` of a split as tensors: float32 N x 28 x 28 in [0, 1], int64 N."""
     import torch

@@ -68,7 +68,7 @@ class DownloadParams(Section):
 
 class FeedbackParams(Section):
     # How the corrected pictures in data/feedback join the data (stages/preprocess.py).
-    repeat: int = Field(ge=1, le=1000)  # copies of each training picture in the train split
+    repeat: int = Field(ge=1, le=1000)  # copies of each training picture in the feedback_train split
     holdout: float = Field(ge=0, lt=1)  # the fraction, chosen by content hash, kept as the feedback test split
 
 
@@ -99,6 +99,12 @@ class AugmentParams(Section):
     rotate: float = Field(ge=0, le=45)  # degrees, either way
 
 
+class TrainFeedbackParams(Section):
+    # The trainings' last epochs, on the feedback_train split (corrections and MNIST replay).
+    epochs: int = Field(ge=0, le=100)  # 0: never learn from the corrections
+    lr_scale: float = Field(gt=0, le=10)  # the learning rate of those epochs: train.lr times this
+
+
 class TrainParams(Section):
     epochs: Epochs
     batch_size: int = Field(ge=1)
@@ -109,6 +115,7 @@ class TrainParams(Section):
     schedule: Literal["constant", "onecycle", "cosine"]
     warmup: float = Field(ge=0, lt=1)  # a fraction of all steps
     augment: AugmentParams
+    feedback: TrainFeedbackParams
     seed: Seed
     threads: int = Field(ge=1, le=256)
     device: Literal["auto", "cpu", "cuda"]

@@ -71,18 +71,20 @@ class DvcLiveLogger(Callback):
 
     The ``Live`` object is created in ``on_train_begin`` and closed in
     ``on_train_end``, never in ``__init__``, so the net stays clonable and
-    picklable between fits.
+    picklable between fits. With ``resume`` (``set_params(callbacks__DvcLiveLogger__resume=True)``
+    before a ``partial_fit``) it continues the steps already logged there.
     """
 
     KEYS = {"train_loss": "train/loss", "valid_loss": "val/loss", "valid_acc": "val/accuracy"}
 
-    def __init__(self, live_dir: str = "metrics/fit"):
-        self.live_dir = live_dir
+    def __init__(self, live_dir: str = "metrics/fit", resume: bool = False):
+        self.live_dir, self.resume = live_dir, resume
 
     def on_train_begin(self, net, **kwargs):
         from dvclive import Live  # imported where used: tune's fits never log
 
-        self.live_ = Live(str(self.live_dir), dvcyaml=None, save_dvc_exp=False)
+        # resume: a later partial_fit (fit's epochs on the corrections) goes on from the last step.
+        self.live_ = Live(str(self.live_dir), dvcyaml=None, save_dvc_exp=False, resume=self.resume)
 
     def on_epoch_end(self, net, **kwargs):
         row = net.history[-1]

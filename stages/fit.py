@@ -1,11 +1,16 @@
 """fit: the same MLP and hyperparameters, trained by skorch's NeuralNetClassifier.
 
-In:  data/processed/{train,val}_{images,labels}.npy; params.yaml ``model`` and ``train``.
+In:  data/processed/{train,val}_{images,labels}.npy, and feedback_train_* where
+     preprocess wrote it; params.yaml ``model`` and ``train``.
 Out: models/skorch_params.pt (the module's state_dict, via ``save_params``);
      metrics/fit/ (DVCLive: train/loss, val/loss, val/accuracy per epoch).
 
 The net is built in mnist_dvc/skorch_net.py, where a comment explains why it
 needs ``criterion=CrossEntropyLoss`` (the classic tutorial's NaN loss).
+Where people's corrections were collected (docs/feedback.md), ``partial_fit``
+goes on for ``train.feedback.epochs`` on the ``feedback_train`` split at
+``train.lr * train.feedback.lr_scale``, without the schedule: what train's
+loop does, so both still learn the same weights.
 """
 
 from __future__ import annotations
@@ -13,15 +18,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mnist_dvc.data import load_split
-from mnist_dvc.model import configure_torch, resolve_device
+from mnist_dvc.data import has_split, load_split
+from mnist_dvc.model import configure_torch, needs_scheduler, resolve_device
 from mnist_dvc.params import load_section
 from mnist_dvc.skorch_net import DvcLiveLogger, StopWhenDiverged, build_net
 from mnist_dvc.stage import atomic_dir, atomic_file, run_stage
 
 
-def fit(model_params, train_params, train_split, val_split, live_dir=None):
-    """Build the skorch net and fit it on the training split; returns the net."""
+def fit(model_params, train_params, train_split, val_split, live_dir=None, feedback_split=None):
+    """Build the skorch net and fit it on the training split, then ``train.feedback.epochs``
+    on ``feedback_split`` (if given and not empty); returns the net."""
     device = resolve_device(train_params.device)
     images, labels = (t.to(device) for t in train_split)
     val_split = tuple(t.to(device) for t in val_split)
@@ -30,7 +36,19 @@ def fit(model_params, train_params, train_split, val_split, live_dir=None):
         model_params, train_params, seed=train_params.seed, device=str(device),
         val_split=val_split, n_train=len(images), callbacks=callbacks,
     )
-    return net.fit(images, labels)
+    net.fit(images, labels)
+    if feedback_split is not None and len(feedback_split[1]) and train_params.feedback.epochs:
+        # The same optimizer (its state kept), batch and augmentation generators; a new rate.
+        changes = {"lr": train_params.lr * train_params.feedback.lr_scale}
+        if needs_scheduler(train_params):
+            changes["callbacks__lr_schedule"] = None  # the schedule has ended: a constant rate
+        if live_dir is not None:
+            changes["callbacks__DvcLiveLogger__resume"] = True
+        net.set_params(**changes)
+        net.initialize_callbacks()  # drops the callbacks set to None (set_params alone leaves them in place)
+        feedback_images, feedback_labels = (t.to(device) for t in feedback_split)
+        net.partial_fit(feedback_images, feedback_labels, epochs=train_params.feedback.epochs)
+    return net
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     model_params, train_params = load_section("model"), load_section("train")
     configure_torch(train_params.threads, resolve_device(train_params.device))
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
+    feedback_split = load_split(args.data, "feedback_train") if has_split(args.data, "feedback_train") else None
     with atomic_dir(args.live) as live_dir:  # the last good metrics stay until the model is saved
-        net = fit(model_params, train_params, train_split, val_split, live_dir)
+        net = fit(model_params, train_params, train_split, val_split, live_dir, feedback_split)
         with atomic_file(args.model) as f:
             net.save_params(f_params=f)
 

@@ -3,18 +3,22 @@
 In:  data/raw/*.gz; data/feedback/ (pictures corrected in the web app, maybe
      none); params.yaml ``preprocess`` (val_size, seed, feedback).
 Out: data/processed/{train,val,test}_{images,labels}.npy (uint8 images,
-     int64 labels), and feedback_{images,labels}.npy where pictures were
-     collected; metrics/data.json (images per split and per class).
+     int64 labels), and feedback_{images,labels}.npy and
+     feedback_train_{images,labels}.npy where pictures were collected;
+     metrics/data.json (images per split and per class).
 
 The validation split is carved from the 60,000 training images, stratified
 by class and seeded, so every class keeps its share in both parts. With
 ``val_size: 0`` the val split is written empty and the trainings log no
 validation. The collected pictures are split by content hash: a
-``feedback.holdout`` fraction becomes the ``feedback`` test split, and each
-of the others is appended to the training split ``feedback.repeat`` times
-(a few hundred among 60,000 would otherwise barely move the weights). With
-none collected, the outputs are byte for byte those of a project without
-feedback. This stage needs no torch: it starts in a fraction of a second.
+``feedback.holdout`` fraction becomes the ``feedback`` test split; the others,
+each ``feedback.repeat`` times (a few hundred among 60,000 would otherwise
+barely move the weights), and as many of MNIST's training images (so the
+models do not forget MNIST's style) make the ``feedback_train`` split, which
+both trainings learn from after their epochs on the training split
+(``train.feedback``). The training split itself never changes: with or
+without corrections, the trainings' first epochs are the same. With none
+collected, the outputs are byte for byte those of a project without feedback. This stage needs no torch: it starts in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -51,13 +55,14 @@ def split_feedback(folder: Path, holdout: float) -> tuple[tuple, tuple]:
     return (images[~held], labels[~held]), (images[held], labels[held])
 
 
-def with_feedback(train_x, train_y, pictures, repeat: int):
-    """The training split followed by ``repeat`` copies of the feedback ``pictures`` (images, labels)."""
+def feedback_training(pictures, train_x, train_y, repeat: int, seed: int):
+    """The ``feedback_train`` split: ``repeat`` copies of each of ``pictures`` (images, labels), then
+    as many training images (all of them if fewer), drawn without replacement with ``seed``."""
     images, labels = pictures
-    if not len(labels):
-        return train_x, train_y
-    return (np.concatenate([train_x, np.tile(images, (repeat, 1, 1))]),
-            np.concatenate([train_y, np.tile(labels.astype(train_y.dtype), repeat)]))
+    copies = len(labels) * repeat
+    replay = np.sort(np.random.default_rng(seed).choice(len(train_y), min(copies, len(train_y)), replace=False))
+    return (np.concatenate([np.tile(images, (repeat, 1, 1)), train_x[replay]]),
+            np.concatenate([np.tile(labels.astype(train_y.dtype), repeat), train_y[replay]]))
 
 
 def split_summary(labels: np.ndarray) -> dict:
@@ -81,18 +86,22 @@ def main(argv: list[str] | None = None) -> None:
         train_images, train_labels, params.val_size, params.seed
     )
     feedback_train, feedback_test = split_feedback(args.feedback, params.feedback.holdout)
-    train_x, train_y = with_feedback(train_x, train_y, feedback_train, params.feedback.repeat)
     splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_images, test_labels)}
     if len(feedback_test[1]):
         splits["feedback"] = feedback_test
-    else:  # run by hand over an earlier output (dvc repro removes it first): no stale split
-        for path in split_paths(args.out, "feedback"):
-            path.unlink(missing_ok=True)
+    if len(feedback_train[1]):
+        splits["feedback_train"] = feedback_training(feedback_train, train_x, train_y, params.feedback.repeat,
+                                                     params.seed)
+    for name in ("feedback", "feedback_train"):
+        if name not in splits:  # run by hand over an earlier output (dvc repro removes it first): no stale split
+            for path in split_paths(args.out, name):
+                path.unlink(missing_ok=True)
     for name, (images, labels) in splits.items():
         save_split(args.out, name, images, labels)
-    summary = {name: split_summary(labels) for name, (_, labels) in splits.items()}
+    summary = {name: split_summary(labels) for name, (_, labels) in splits.items() if name != "feedback_train"}
     if len(feedback_train[1]):
-        summary["feedback_train"] = {**split_summary(feedback_train[1]), "repeat": params.feedback.repeat}
+        summary["feedback_train"] = {**split_summary(feedback_train[1]), "repeat": params.feedback.repeat,
+                                     "images": len(splits["feedback_train"][1])}
     write_json(args.metrics, summary)
     print(", ".join(f"{name}: {len(labels)} images" for name, (_, labels) in splits.items()))
 

@@ -1,6 +1,7 @@
 """train: the MLP with an explicit PyTorch loop, every moving part in sight.
 
-In:  data/processed/{train,val}_{images,labels}.npy; params.yaml ``model`` and ``train``.
+In:  data/processed/{train,val}_{images,labels}.npy, and feedback_train_* where
+     preprocess wrote it; params.yaml ``model`` and ``train``.
 Out: models/mlp.pt (a state_dict); metrics/train/ (DVCLive: metrics.json and
      per-epoch train/loss, val/loss, val/accuracy under plots/).
 
@@ -11,6 +12,11 @@ Options on top of the tutorial's loop (params.yaml ``train``): a learning-rate
 schedule stepped after every batch, weight decay, and augmentation of each
 batch (mnist_dvc/augment.py), all built by the same functions skorch's net
 uses (mnist_dvc/skorch_net.py), so that ``fit`` learns the same weights.
+
+Where people's corrections were collected (docs/feedback.md), the loop goes
+on for ``train.feedback.epochs`` on the ``feedback_train`` split, at
+``train.lr * train.feedback.lr_scale``, with no schedule: the same
+optimizer, generators and logging, as skorch's ``partial_fit`` does in ``fit``.
 
 On a GPU the same step can run as one CUDA graph (``train.cuda_graph``;
 the variant lives in mnist_dvc/cuda_graph.py): the loop here stays the one
@@ -28,7 +34,7 @@ from tqdm import tqdm
 
 from mnist_dvc.augment import augment_batch, augment_generator
 from mnist_dvc.cuda_graph import CudaGraphStep, use_cuda_graph
-from mnist_dvc.data import load_split
+from mnist_dvc.data import has_split, load_split
 from mnist_dvc.model import (
     build_mlp,
     build_optimizer,
@@ -79,8 +85,27 @@ def train_epoch(model, optimizer, images, labels, train_params, generators, sche
     return total_loss.item() / len(images)
 
 
-def train(model_params, train_params, train_split, val_split, live=None):
-    """Build the MLP and train it for ``train.epochs``; log each epoch to ``live``."""
+def end_epoch(model, train_loss, epoch, desc, val_images, val_labels, live=None) -> None:
+    """After an epoch: stop on a non-finite loss; the loss and validation figures to ``live`` and stdout."""
+    check_finite_loss(train_loss, epoch)
+    line = f"{desc}: train/loss {train_loss:.4f}"
+    if live is not None:
+        live.log_metric("train/loss", train_loss)
+    if len(val_images):
+        val_logits = predict_logits(model, val_images, 1000)
+        val_loss, val_accuracy = loss_and_accuracy(val_logits, val_labels)
+        line += f"  val/loss {val_loss:.4f}  val/accuracy {val_accuracy:.4f}"
+        if live is not None:
+            live.log_metric("val/loss", val_loss)
+            live.log_metric("val/accuracy", val_accuracy)
+    if live is not None:
+        live.next_step()
+    print(line)
+
+
+def train(model_params, train_params, train_split, val_split, live=None, feedback_split=None):
+    """Build the MLP and train it for ``train.epochs``, then ``train.feedback.epochs`` on
+    ``feedback_split`` (if given and not empty); log each epoch to ``live``."""
     device = resolve_device(train_params.device)
     graphed = use_cuda_graph(model_params, train_params, device)
     model = build_mlp(model_params, train_params.seed).to(device)
@@ -99,20 +124,16 @@ def train(model_params, train_params, train_split, val_split, live=None):
             train_loss = step.epoch(batch_order(len(images), generators["batches"], device), desc)
         else:
             train_loss = train_epoch(model, optimizer, images, labels, train_params, generators, scheduler, desc)
-        check_finite_loss(train_loss, epoch)
-        line = f"{desc}: train/loss {train_loss:.4f}"
-        if live is not None:
-            live.log_metric("train/loss", train_loss)
-        if len(val_images):
-            val_logits = predict_logits(model, val_images, 1000)
-            val_loss, val_accuracy = loss_and_accuracy(val_logits, val_labels)
-            line += f"  val/loss {val_loss:.4f}  val/accuracy {val_accuracy:.4f}"
-            if live is not None:
-                live.log_metric("val/loss", val_loss)
-                live.log_metric("val/accuracy", val_accuracy)
-        if live is not None:
-            live.next_step()
-        print(line)
+        end_epoch(model, train_loss, epoch, desc, val_images, val_labels, live)
+    if feedback_split is not None and len(feedback_split[1]) and train_params.feedback.epochs:
+        feedback_images, feedback_labels = (t.to(device) for t in feedback_split)
+        for group in optimizer.param_groups:  # the schedule, if any, has ended: a constant rate
+            group["lr"] = train_params.lr * train_params.feedback.lr_scale
+        for epoch in range(1, train_params.feedback.epochs + 1):
+            desc = f"feedback epoch {epoch}/{train_params.feedback.epochs}"
+            train_loss = train_epoch(model, optimizer, feedback_images, feedback_labels, train_params, generators,
+                                     None, desc)
+            end_epoch(model, train_loss, train_params.epochs + epoch, desc, val_images, val_labels, live)
     return model
 
 
@@ -125,13 +146,14 @@ def main(argv: list[str] | None = None) -> None:
     model_params, train_params = load_section("model"), load_section("train")
     configure_torch(train_params.threads, resolve_device(train_params.device))
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
+    feedback_split = load_split(args.data, "feedback_train") if has_split(args.data, "feedback_train") else None
     from dvclive import Live  # imported where used: the benchmarks import this module without it
 
     # DVCLive fills its folder as training goes: it writes a new one, which replaces
     # the last good one only once the model is saved.
     with atomic_dir(args.live) as live_dir:
         with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
-            model = train(model_params, train_params, train_split, val_split, live)
+            model = train(model_params, train_params, train_split, val_split, live, feedback_split)
         state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
         with atomic_file(args.model) as f:
             torch.save(state, f)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import write_params
 from mnist_dvc.apps.feedback import FeedbackStore, StoreFull
 from mnist_dvc.apps.images import to_png
 from mnist_dvc.data import (FEEDBACK_LABELS, feedback_held_out, load_feedback, load_stored_split,
@@ -176,7 +177,7 @@ def test_with_no_or_an_empty_feedback_folder_preprocess_writes_exactly_the_files
     assert (processed_bytes(), (prepared / "metrics/data.json").read_bytes()) == without
 
 
-def test_preprocess_adds_each_training_picture_repeat_times_and_holds_out_the_rest(prepared):
+def test_preprocess_writes_the_corrections_repeat_times_with_as_many_mnist_images_and_holds_out_the_rest(prepared):
     from stages import preprocess
 
     train_before = load_stored_split("data/processed", "train")
@@ -186,43 +187,65 @@ def test_preprocess_adds_each_training_picture_repeat_times_and_holds_out_the_re
     held = np.array([feedback_held_out(name, 0.2) for name in names])
     assert 0 < held.sum() < 40 and sorted(collected) == names
     repeat = 10  # params.yaml's preprocess.feedback.repeat
+    # The training split is the one of a project without corrections.
     train_images, train_labels = load_stored_split("data/processed", "train")
-    n = len(train_before[1])
-    assert np.array_equal(train_images[:n], train_before[0]) and np.array_equal(train_labels[:n], train_before[1])
-    assert np.array_equal(train_images[n:], np.tile(images[~held], (repeat, 1, 1)))
-    assert np.array_equal(train_labels[n:], np.tile(labels[~held], repeat))
+    assert np.array_equal(train_images, train_before[0]) and np.array_equal(train_labels, train_before[1])
+    # feedback_train: the corrections repeat times, then as many distinct training images.
+    tuning_images, tuning_labels = load_stored_split("data/processed", "feedback_train")
+    copies = (~held).sum() * repeat
+    assert len(tuning_labels) == 2 * copies
+    assert np.array_equal(tuning_images[:copies], np.tile(images[~held], (repeat, 1, 1)))
+    assert np.array_equal(tuning_labels[:copies], np.tile(labels[~held], repeat))
+    replay = {image.tobytes(): label for image, label in zip(train_images, train_labels)}
+    assert len({image.tobytes() for image in tuning_images[copies:]}) == copies
+    assert all(replay.get(image.tobytes()) == label for image, label in zip(tuning_images[copies:],
+                                                                            tuning_labels[copies:]))
     test_images, test_labels = load_stored_split("data/processed", "feedback")
     assert np.array_equal(test_images, images[held]) and np.array_equal(test_labels, labels[held])
     summary = json.loads((prepared / "metrics/data.json").read_text())
     assert summary["feedback"]["count"] == held.sum() and summary["feedback_train"]["repeat"] == repeat
-    assert summary["feedback_train"]["count"] == (~held).sum() and summary["train"]["count"] == len(train_labels)
+    assert summary["feedback_train"]["count"] == (~held).sum() and summary["feedback_train"]["images"] == 2 * copies
 
-    # All collected pictures removed again: the feedback split goes with them.
+    # All collected pictures removed again: both feedback splits go with them.
     for path in (prepared / "data/feedback").glob("*.png"):
         path.unlink()
     (prepared / "data/feedback" / FEEDBACK_LABELS).write_text("file,label\n")
     preprocess.main([])
-    assert not any(path.exists() for path in split_paths("data/processed", "feedback"))
-    assert np.array_equal(load_stored_split("data/processed", "train")[1], train_before[1])
+    assert not any(path.exists() for split in ("feedback", "feedback_train")
+                   for path in split_paths("data/processed", split))
 
 
-def test_train_and_fit_learn_bit_identical_weights_with_feedback(prepared):
+@pytest.mark.parametrize("schedule", ["constant", "onecycle"])
+def test_train_and_fit_learn_bit_identical_weights_with_feedback(prepared, mirror, schedule):
     import torch
 
-    from mnist_dvc.data import load_split
-    from mnist_dvc.params import load_section
     from stages import fit as fit_stage
     from stages import preprocess
     from stages import train as train_stage
 
+    folder, md5 = mirror
+    write_params(prepared, folder.as_uri() + "/", md5, train__schedule=schedule, train__warmup=0.3)
+    train_stage.main(["--model", "before.pt", "--live", "metrics/before"])
     collect(prepared / "data/feedback", 30)
     preprocess.main([])
-    train_split, val_split = load_split("data/processed", "train"), load_split("data/processed", "val")
-    model_params, train_params = load_section("model"), load_section("train")
-    loop = train_stage.train(model_params, train_params, train_split, val_split)
-    net = fit_stage.fit(model_params, train_params, train_split, val_split)
-    for (name, a), b in zip(loop.state_dict().items(), net.module_.state_dict().values()):
-        assert torch.equal(a, b), name
+    train_stage.main([])
+    fit_stage.main([])
+    manual = torch.load(prepared / "models/mlp.pt", weights_only=True)
+    skorch = torch.load(prepared / "models/skorch_params.pt", weights_only=True)
+    before = torch.load(prepared / "before.pt", weights_only=True)
+    assert all(torch.equal(manual[k], skorch[k]) for k in manual)
+    assert not all(torch.equal(manual[k], before[k]) for k in manual)  # the corrections were learnt
+    # Both logged the epochs on MNIST, then the epochs on the corrections, as the same steps.
+    epochs = [len(read_tsv(prepared / f"metrics/{stage}/plots/metrics/train/loss.tsv")) for stage in ("train", "fit")]
+    assert epochs == [2 + 3, 2 + 3]  # FAST_PARAMS' train.epochs, params.yaml's train.feedback.epochs
+    first = read_tsv(prepared / "metrics/before/plots/metrics/train/loss.tsv")
+    assert read_tsv(prepared / "metrics/train/plots/metrics/train/loss.tsv")[:2] == first  # the same first epochs
+    assert len(read_tsv(prepared / "metrics/fit/plots/metrics/val/accuracy.tsv")) == 5
+
+
+def read_tsv(path):
+    """A DVCLive metric's rows after the header: [step, value] each."""
+    return [line.split("\t") for line in path.read_text().splitlines()[1:]]
 
 
 # --- the feedback stage -------------------------------------------------------------------

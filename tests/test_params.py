@@ -96,6 +96,11 @@ BAD_VALUES = [
     ("train.augment.shift", 1.5, ["valid integer"]),
     ("train.augment.rotate", 90, ["less than or equal to 45"]),
     ("train.augment.rotate", -5, ["greater than or equal to 0"]),
+    ("train.feedback", 3, ["valid dictionary"]),
+    ("train.feedback.epochs", -1, ["greater than or equal to 0"]),
+    ("train.feedback.epochs", 1.5, ["valid integer"]),
+    ("train.feedback.lr_scale", 0, ["greater than 0"]),
+    ("train.feedback.lr_scale", 11, ["less than or equal to 10"]),
     ("train.seed", -1, ["greater than or equal to 0"]),
     ("train.seed", 2**64, ["less than or equal to 4294967295"]),  # torch: "Overflow when unpacking long long"
     ("train.threads", 0, ["greater than or equal to 1"]),
@@ -215,7 +220,7 @@ def test_missing_key_is_rejected_naming_the_full_key(tmp_path, key):
     "key, allowed",
     [
         ("train.learning_rate", "epochs, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup, "
-                                "augment, seed, threads, device, cuda_graph"),
+                                "augment, feedback, seed, threads, device, cuda_graph"),
         ("train.augment.scale", "shift, rotate"),
         ("model.layers", "hidden, activation, dropout"),
         ("download.mirror", "mirrors, md5, retries, timeout, backoff"),
