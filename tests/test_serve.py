@@ -119,6 +119,21 @@ def test_the_page_and_its_files_come_from_the_server(app):
     assert missing.json() == {"error": "Not Found"}
 
 
+def test_concurrent_requests_each_get_the_answer_for_their_own_picture(app, reproduced):
+    # The pictures are read in worker threads, two at a time: all the requests in flight at once,
+    # each answered with what the models say of its own picture, sent alone.
+    pictures = [*scanned_digits(), canvas_stroke()] * 4
+    alone = [response.json() for response in ask(app, [post(picture) for picture in pictures[:len(pictures) // 4]])]
+
+    async def send_at_once():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await asyncio.gather(*(client.request(**post(picture)) for picture in pictures))
+    responses = asyncio.run(send_at_once())
+    assert [response.status_code for response in responses] == [200] * len(pictures)
+    assert [response.json() for response in responses] == alone * 4
+
+
 def test_predictions_match_the_predict_command(app, reproduced, tmp_path):
     pictures = [*scanned_digits(), canvas_stroke()]
     paths = []
