@@ -76,10 +76,7 @@ TOO_LARGE = f"the request body is larger than the limit ({MAX_BODY:,} bytes)"
 # client that stalls mid-upload (a phone off Wi-Fi, or on purpose) must not hold a connection
 # for good. uvicorn's timeouts cover idle connections between requests, not a stalled body.
 BODY_SECONDS = 30.0  # 2 MB at 67 kB/s
-# The CPU work of a request (decoding the picture, to_mnist, both forward passes) runs in worker
-# threads, at most this many at a time: PIL, NumPy and torch release the GIL, so two pictures are
-# read on two cores, and a burst of large uploads decodes only this many pictures at once.
-READERS = 2
+READERS = 2  # worker threads reading pictures at once (see the module's docstring)
 FILE_FIELD = "file"  # curl -F file=@digit.png
 RAW_TYPES = ("image/", "application/octet-stream")
 NAMES = {"manual": "explicit PyTorch loop", "skorch": "skorch NeuralNetClassifier"}
@@ -109,7 +106,7 @@ class Static(StaticFiles):
         return response
 
 
-async def image_bytes(request: Request) -> bytes:
+async def upload(request: Request) -> bytes:
     """The picture's bytes: the raw body, or the form's ``file`` field. Raises HTTPException.
 
     The body is read whole first (FastAPI counts it against ``max_body_size``),
@@ -127,24 +124,18 @@ async def image_bytes(request: Request) -> bytes:
     except TimeoutError:
         raise HTTPException(408, f"the upload stalled: the body was not complete after {BODY_SECONDS:g} s",
                             headers={"Connection": "close"}) from None
-    if not form:
-        return body
-    async with request.form(max_files=1, max_fields=1) as fields:
-        upload = fields.get(FILE_FIELD)
-        if not isinstance(upload, UploadFile):
-            raise HTTPException(400, f"the form has no file field named {FILE_FIELD!r}: "
-                                     f"send the picture as curl -F {FILE_FIELD}=@digit.png does")
-        return await upload.read()
-
-
-async def upload(request: Request) -> bytes:
-    """The picture's bytes (``image_bytes``), a client gone mid-upload as a 400. Raises HTTPException."""
-    try:
-        return await image_bytes(request)
     except ClientDisconnect:
         # The client went away mid-upload: nobody reads this answer; it only keeps the
         # disconnect out of the server's log as an "Exception in ASGI application".
         raise HTTPException(400, "the upload was cut off before its end") from None
+    if not form:
+        return body
+    async with request.form(max_files=1, max_fields=1) as fields:
+        field = fields.get(FILE_FIELD)
+        if not isinstance(field, UploadFile):
+            raise HTTPException(400, f"the form has no file field named {FILE_FIELD!r}: "
+                                     f"send the picture as curl -F {FILE_FIELD}=@digit.png does")
+        return await field.read()
 
 
 def model_input(data: bytes) -> np.ndarray:
@@ -193,13 +184,11 @@ def create_app(predictor: Predictor, store: FeedbackStore | None = None):
         "collect": None if store is None else {"folder": str(store.folder), "limit": store.limit},
     }).encode()
     page = (STATIC / "index.html").read_bytes()
-    readers: list[anyio.CapacityLimiter] = []  # made in the event loop, on the first request
+    readers = anyio.CapacityLimiter(READERS)
 
     async def off_loop(func, *args):
         """``func(*args)`` in a worker thread, at most READERS at a time (the CPU work of a request)."""
-        if not readers:
-            readers.append(anyio.CapacityLimiter(READERS))
-        return await anyio.to_thread.run_sync(func, *args, limiter=readers[0])
+        return await anyio.to_thread.run_sync(func, *args, limiter=readers)
 
     def answer(data: bytes) -> bytes:
         image = model_input(data)
@@ -255,9 +244,9 @@ def create_app(predictor: Predictor, store: FeedbackStore | None = None):
             return error(422, "missing label: send the right digit as POST /api/feedback?label=N, N in 0-9")
         if label not in {str(digit) for digit in range(N_CLASSES)}:
             return error(422, f"label {label[:20]!r} is not a digit 0-9")
-        image = await off_loop(model_input, await upload(request))
+        data = await upload(request)
         try:
-            stored = await off_loop(store.add, image, int(label))
+            stored = await off_loop(lambda: store.add(model_input(data), int(label)))
         except StoreFull as exc:
             return error(409, str(exc))
         except (OSError, StageError) as exc:  # the disk, or labels.csv changed by hand: not the request's fault
