@@ -153,17 +153,18 @@ def label_outside(labels: np.ndarray) -> int | None:
     return int(np.argmax(outside)) if outside.any() else None
 
 
-def has_split(processed_dir: Path | str, split: str) -> bool:
-    """Whether preprocess wrote ``split`` (``feedback`` and ``feedback_train`` exist only with corrections)."""
-    return all(path.exists() for path in split_paths(processed_dir, split))
-
-
 def load_split(processed_dir: Path | str, split: str):
     """Return ``(images, labels)`` of a split as tensors: float32 N x 28 x 28 in [0, 1], int64 N."""
     import torch
 
     images, labels = load_stored_split(processed_dir, split)
     return torch.from_numpy(images).float().div_(255), torch.from_numpy(labels.astype(np.int64, copy=False))
+
+
+def load_optional_split(processed_dir: Path | str, split: str):
+    """``load_split`` of a split preprocess writes only with corrections (``feedback``,
+    ``feedback_train``); None where it did not."""
+    return load_split(processed_dir, split) if split_paths(processed_dir, split)[0].exists() else None
 
 
 # --- feedback: pictures people corrected in the web app (data/feedback/) -------

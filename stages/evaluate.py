@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
-from mnist_dvc.data import load_split, split_paths
+from mnist_dvc.data import load_optional_split, load_split
 from mnist_dvc.model import TRAINED_BY, load_trained, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import run_stage, write_csv, write_json
@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         # actual,predicted per test image, in test-set order: DVC's confusion template.
         write_csv(args.predictions / f"{name}.csv", ["actual", "predicted"],
                   zip(labels.tolist(), predicted[name].tolist()))
-    if split_paths(args.data, "feedback")[0].exists():
-        feedback_images, feedback_labels = load_split(args.data, "feedback")
+    feedback = load_optional_split(args.data, "feedback")
+    if feedback is not None:
+        feedback_images, feedback_labels = feedback
         for name, model in models.items():
             feedback_predicted = predict_logits(model, feedback_images, params.batch_size).argmax(dim=1).numpy()
             metrics[name]["feedback_accuracy"] = accuracy_score(feedback_labels, feedback_predicted)

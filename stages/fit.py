@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mnist_dvc.data import has_split, load_split
+from mnist_dvc.data import load_optional_split, load_split
 from mnist_dvc.model import configure_torch, needs_scheduler, resolve_device
 from mnist_dvc.params import load_section
 from mnist_dvc.skorch_net import DvcLiveLogger, StopWhenDiverged, build_net
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     model_params, train_params = load_section("model"), load_section("train")
     configure_torch(train_params.threads, resolve_device(train_params.device))
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
-    feedback_split = load_split(args.data, "feedback_train") if has_split(args.data, "feedback_train") else None
+    feedback_split = load_optional_split(args.data, "feedback_train")
     with atomic_dir(args.live) as live_dir:  # the last good metrics stay until the model is saved
         net = fit(model_params, train_params, train_split, val_split, live_dir, feedback_split)
         with atomic_file(args.model) as f:

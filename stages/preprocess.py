@@ -18,7 +18,8 @@ models do not forget MNIST's style) make the ``feedback_train`` split, which
 both trainings learn from after their epochs on the training split
 (``train.feedback``). The training split itself never changes: with or
 without corrections, the trainings' first epochs are the same. With none
-collected, the outputs are byte for byte those of a project without feedback. This stage needs no torch: it starts in a fraction of a second.
+collected, the outputs are byte for byte those of a project without
+feedback. This stage needs no torch: it starts in a fraction of a second.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mnist_dvc.augment import augment_batch, augment_generator
 from mnist_dvc.cuda_graph import CudaGraphStep, use_cuda_graph
-from mnist_dvc.data import has_split, load_split
+from mnist_dvc.data import load_optional_split, load_split
 from mnist_dvc.model import (
     build_mlp,
     build_optimizer,
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     model_params, train_params = load_section("model"), load_section("train")
     configure_torch(train_params.threads, resolve_device(train_params.device))
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
-    feedback_split = load_split(args.data, "feedback_train") if has_split(args.data, "feedback_train") else None
+    feedback_split = load_optional_split(args.data, "feedback_train")
     from dvclive import Live  # imported where used: the benchmarks import this module without it
 
     # DVCLive fills its folder as training goes: it writes a new one, which replaces
