@@ -310,13 +310,10 @@ def pyplot():
 
 
 def figure_png(fig) -> bytes:
-    """``fig`` as PNG bytes (no metadata that changes between runs); closes it."""
-    plt = pyplot()
+    """``fig`` as PNG bytes at the report's resolution (``figures.png_bytes``); closes it."""
+    from mnist_dvc.figures import png_bytes
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig, dpi=90)
 
 
 def colours(count: int) -> list:
