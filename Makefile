@@ -60,9 +60,10 @@ $(VENV)/.installed-notebook: pyproject.toml $(VENV)/.installed
 notebook: $(VENV)/.installed-notebook
 	$(BIN)/python notebooks/run_tutorial.py
 
-# -n auto: one pytest-xdist worker per CPU core.
+# -n auto: one pytest-xdist worker per CPU core; --maxschedchunk 1: each takes the next test
+# when it is free, in the order tests/conftest.py sets (the long end-to-end tests first).
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n auto
+	$(BIN)/python -m pytest -n auto --maxschedchunk 1
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/epoch_speed.py --memory

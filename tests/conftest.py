@@ -147,22 +147,31 @@ def offline_browser(tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist, start each shared build early, while the other worker has other work.
+    """An order in which two or more xdist workers stay busy to the end (``make test`` hands the
+    tests out one at a time, ``--maxschedchunk 1``, in this order).
 
-    One test that needs the reproduced project (``reproduced``: a full
-    `dvc repro`) goes first, so that one worker builds it while the others run
-    the tests that do not. Then, of the tests that need it, one that needs
-    ``experiments`` (two `dvc exp run` on a copy), so that one worker builds
-    that while the others run the tests on the reproduced project alone; the
-    other users of ``experiments`` go last, when it is ready.
+    First a test that needs the reproduced project (``reproduced``: a full `dvc
+    repro`): one worker builds it while the others run the end-to-end tests
+    that need no shared project, then half of the other independent tests.
+    Then one that needs ``experiments`` (two `dvc exp run` on a copy), which a
+    worker builds while the others run the end-to-end tests on the reproduced
+    project; then the users of ``experiments``, ready by then. The short tests
+    that are left go last: whichever worker is free takes the next, and all
+    finish within a few seconds of each other.
     """
-    def needing(name: str, among: list) -> list:
-        return [item for item in among if name in getattr(item, "fixturenames", ())]
+    def needs(item, name: str) -> bool:
+        return name in getattr(item, "fixturenames", ())
 
-    needs = needing("reproduced", items)
-    if needs:
-        others = [item for item in items if item not in needs]
-        later = needs[1:]
-        experiments = needing("experiments", later)
-        later = experiments[:1] + [item for item in later if item not in experiments] + experiments[1:]
-        items[:] = needs[:1] + others + later
+    def e2e_first(among: list) -> list:
+        return sorted(among, key=lambda item: item.get_closest_marker("e2e") is None)  # stable
+
+    shared = [item for item in items if needs(item, "reproduced")]
+    if not shared:
+        return
+    builder, shared = shared[0], shared[1:]
+    experiments = [item for item in shared if needs(item, "experiments")]
+    on_reproduced = e2e_first([item for item in shared if item not in experiments])
+    independent = e2e_first([item for item in items if item is not builder and not needs(item, "reproduced")])
+    ended = sum(item.get_closest_marker("e2e") is not None for item in independent)
+    half = ended + (len(independent) - ended) // 2
+    items[:] = [builder, *independent[:half], *experiments[:1], *on_reproduced, *experiments[1:], *independent[half:]]

@@ -23,11 +23,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cloudpickle
+import dask
 import numpy as np
 import pytest
 import yaml
@@ -37,8 +39,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import GridSearchCV
 
 from helpers import ALWAYS_RUN, DVC, dvc, edit_params, free_ports, ran_stages, sh, stage_command, tool_env
-from mnist_dvc.cluster import ENV_VAR, FitTraceback, connect, fit_on_cluster
+from mnist_dvc.cluster import CONNECT_TIMEOUT, ENV_VAR, FitTraceback, connect, fit_on_cluster
 from mnist_dvc.stage import StageError
+from stages import tune
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +51,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 DASK = Path(sys.executable).parent / "dask"
 OUTPUTS = ["metrics/tune.json", "metrics/tune_results.csv", "metrics/tune_cv_accuracy.png"]
-TUNE_ERROR = "error: a grid-search task failed on the Dask cluster at"
+TUNE_ERROR = "a grid-search task failed on the Dask cluster at"
+NO_WORKERS_TIMEOUT = "distributed.scheduler.no-workers-timeout"
 
 
 # --- what the cluster records --------------------------------------------------
@@ -364,35 +368,66 @@ def test_a_scheduler_lost_mid_search_ends_the_stage_in_one_line(copy_project, st
 def test_an_unreachable_scheduler_fails_in_one_line_and_replaces_nothing(copy_project):
     repo = copy_project()
     address = f"tcp://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
-    # Dask's connect timeout (10 s) ends it; a stage that kept retrying would fail the 60 s timeout.
-    result = sh(*stage_command("tune"), cwd=repo, env=cluster_env(address), timeout=60, check=False)
+    # Dask's connect timeout ends it, set in Dask's config (tune's own default is 10 s);
+    # a stage that kept retrying would fail the 60 s timeout.
+    env = {**cluster_env(address), "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+    result = sh(*stage_command("tune"), cwd=repo, env=env, timeout=60, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: could not reach the Dask scheduler at {address}")
+    assert lines[0].startswith(f"error: could not reach the Dask scheduler at {address} "
+                               f"(Timed out trying to connect to {address} after 2 s)"), lines[0]
     assert ENV_VAR in lines[0]
     assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
 
 
-def test_a_scheduler_without_workers_fails_in_one_line_after_the_no_workers_timeout(copy_project, start_cluster):
+def tune_in_process(repo: Path, monkeypatch, address: str, **config) -> str:
+    """The tune stage's ``main`` run in this process against ``address``, with Dask ``config``
+    (dotted keys); the message of the StageError it must end with, its one line on stderr.
+
+    The stage's own code without a new interpreter's 5 s start; its command's
+    exit 1 and one-line stderr are checked by the real processes above.
+    """
+    monkeypatch.chdir(repo)
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with dask.config.set(config):
+                tune.main(["--scheduler", address])
+        except BaseException as exc:  # noqa: BLE001 - handed to the test below
+            ended.append(exc)
+
+    # In a thread: a stage that waited for good on a failed task fails the test, not the run.
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "tune still waits after 120 s"
+    assert ended and isinstance(ended[0], StageError), ended or "tune ended without an error"
+    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""  # nothing replaced
+    return str(ended[0])
+
+
+def test_a_scheduler_without_workers_fails_in_one_line_after_the_no_workers_timeout(
+        copy_project, start_cluster, monkeypatch):
     repo = copy_project()
     cluster = start_cluster(workers=0)
-    env = {**cluster_env(cluster.address), "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "2s"}
-    result = sh(*stage_command("tune"), cwd=repo, env=env, timeout=60, check=False)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stderr == (f"error: the Dask scheduler at {cluster.address} has no workers (waited 2 s); "
-                             f"start some with `dask worker {cluster.address}`\n")
-    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
+    message = tune_in_process(repo, monkeypatch, cluster.address, **{NO_WORKERS_TIMEOUT: "2s"})
+    assert message == (f"the Dask scheduler at {cluster.address} has no workers (waited 2 s); "
+                       f"start some with `dask worker {cluster.address}`")
 
 
 @pytest.mark.parametrize("address", ["bogus://127.0.0.1:8786", "tcp://127.0.0.1:port", "127.0.0.1"])
 def test_a_malformed_address_is_reported_at_once(address):
     with pytest.raises(StageError, match=f"could not reach the Dask scheduler at {re.escape(address)} .*{ENV_VAR}"):
         connect(address)
+    # tune's default connect timeout, where Dask's config sets none (Dask's own default is 30 s)
+    assert dask.config.get("distributed.comm.timeouts.connect") == CONNECT_TIMEOUT == "10s"
 
 
 @pytest.mark.parametrize("broken", ["scheduler", "worker"])
-def test_a_task_failing_on_the_cluster_ends_the_stage_in_one_line(copy_project, start_cluster, broken):
+def test_a_task_failing_on_the_cluster_ends_the_stage_in_one_line(copy_project, start_cluster, broken,
+                                                                  monkeypatch):
     # The scheduler unpickles each task (to schedule it), the worker to run
     # it: where skorch is missing, the task fails there. A scheduler that
     # cannot unpickle a task fails it. A worker that cannot leaves the
@@ -400,34 +435,27 @@ def test_a_task_failing_on_the_cluster_ends_the_stage_in_one_line(copy_project, 
     # no-workers-timeout (30 s unless set; 3 s here).
     repo = copy_project()
     cluster = start_cluster(workers=1, broken=broken)
-    env = {**cluster_env(cluster.address), "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "3s"}
-    # A stage that waited on the failed task for good would fail sh's 120 s timeout.
-    result = sh(*stage_command("tune"), cwd=repo, env=env, timeout=120, check=False)
-    assert result.returncode == 1, result.stdout + result.stderr + cluster.logs()
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
+    message = tune_in_process(repo, monkeypatch, cluster.address, **{NO_WORKERS_TIMEOUT: "3s"})
+    assert "\n" not in message, message
     if broken == "scheduler":
-        assert lines[0].startswith(f"{TUNE_ERROR} {cluster.address} (ImportError: skorch is not installed here")
+        assert message.startswith(f"{TUNE_ERROR} {cluster.address} "
+                                  f"(ImportError: skorch is not installed here"), message
     else:
-        assert lines[0].startswith(f"error: the Dask cluster at {cluster.address} has had no workers for 3 s")
-    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
+        assert message.startswith(f"the Dask cluster at {cluster.address} has had no workers for 3 s"), message
 
 
-def test_without_dask_installed_a_cluster_run_says_how_to_install_it(copy_project, tmp_path):
-    # Dask is the optional [cluster] extra: stand-ins that cannot be imported play its absence.
+def test_without_dask_installed_a_cluster_run_says_how_to_install_it(copy_project, monkeypatch):
+    # Dask is the optional [cluster] extra: modules that cannot be imported play its absence.
     repo = copy_project()
-    missing = tmp_path / "no-dask"
     for name in ("dask", "distributed"):
-        (missing / name).mkdir(parents=True)
-        (missing / name / "__init__.py").write_text(
-            f'raise ModuleNotFoundError("No module named {name!r} (a test stand-in)", name={name!r})\n')
+        monkeypatch.setitem(sys.modules, name, None)  # `import dask` raises ImportError
     address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
-    result = sh(*stage_command("tune"), cwd=repo, env={**cluster_env(address), "PYTHONPATH": str(missing)},
-                timeout=120, check=False)
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert address in lines[0] and ENV_VAR in lines[0] and lines[0].endswith("pip install -e '.[cluster]'")
+    monkeypatch.chdir(repo)
+    with pytest.raises(StageError) as raised:
+        tune.main(["--scheduler", address])
+    message = str(raised.value)
+    assert "\n" not in message and address in message and ENV_VAR in message, message
+    assert message.endswith("pip install -e '.[cluster]'"), message
     assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
 
 
