@@ -17,7 +17,7 @@ import torch
 import yaml
 from sklearn.base import BaseEstimator, clone
 
-from helpers import edit_params
+from helpers import edit_params, run_stage_script
 from mnist_dvc import cluster
 from mnist_dvc.data import load_stored_split
 from mnist_dvc.params import load_section
@@ -27,14 +27,26 @@ from stages import tune
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_tune(folder: Path, name: str = "tune") -> dict[str, Path]:
-    """Run the stage in the cwd, writing its three outputs under ``folder/metrics`` as ``name``*."""
+def run_tune(folder: Path, name: str = "tune", n_jobs: int = 1) -> dict[str, Path]:
+    """Run the stage in the cwd with ``tune.n_jobs``, writing its three outputs under
+    ``folder/metrics`` as ``name``*.
+
+    One job runs in this process. More run the stage's command, as dvc does: its
+    workers are forked, and PyTorch refuses autograd in a child forked from a
+    process that has already run autograd after an ONNX export (as a test in
+    this one may have: https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork).
+    """
     outputs = {
         "metrics": folder / f"metrics/{name}.json",
         "results": folder / f"metrics/{name}_results.csv",
         "plot": folder / f"metrics/{name}_cv_accuracy.png",
     }
-    tune.main([f"--{option}={path}" for option, path in outputs.items()])
+    edit_params("params.yaml", {"tune.n_jobs": n_jobs})
+    arguments = [f"--{option}={path}" for option, path in outputs.items()]
+    if n_jobs == 1:
+        tune.main(arguments)
+    else:
+        run_stage_script("tune", *arguments, cwd=Path.cwd())
     return outputs
 
 
@@ -71,10 +83,9 @@ def test_same_seed_gives_byte_identical_outputs_whatever_n_jobs(prepared):
     first, second = run_tune(prepared, "first"), run_tune(prepared, "second")
     for key in first:
         assert first[key].read_bytes() == second[key].read_bytes(), key
-    # Two worker processes: the Pipeline is pickled to them, and each fit
-    # pins its threads and seeds dropout itself (ReproducibleFit).
-    edit_params("params.yaml", {"tune.n_jobs": 2})
-    parallel = run_tune(prepared, "parallel")
+    # Two forked worker processes (the default): the Pipeline is pickled to them,
+    # and each fit pins its threads and seeds dropout itself (ReproducibleFit).
+    parallel = run_tune(prepared, "parallel", n_jobs=2)
     for key in first:
         assert first[key].read_bytes() == parallel[key].read_bytes(), key
 
