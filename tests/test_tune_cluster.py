@@ -1,11 +1,13 @@
 """The tune stage's grid search on a real Dask cluster (mnist_dvc/cluster.py), end to end.
 
-Each test starts its own loopback cluster: a `dask scheduler` and `dask
+A test that needs a cluster starts its own, on the loopback: a `dask scheduler` and `dask
 worker` processes (one thread each, no nanny), each in its own process group,
 on free ports, from an empty folder outside the repository and with no
 PYTHONPATH: the workers have the project's dependencies, not its checkout, as
 on other machines. The stage runs against them through `dvc repro` or `dvc
-exp run` with DASK_SCHEDULER_ADDRESS set. The ``reproduced`` project ran tune
+exp run` with DASK_SCHEDULER_ADDRESS set, or as a process of its own; the
+tests that only read its error message run its ``main`` in this process
+(``tune_in_process``). The ``reproduced`` project ran tune
 locally (forked workers) with the committed params: its committed outputs are
 the local reference the cluster's must equal byte for byte.
 
@@ -450,13 +452,9 @@ def test_without_dask_installed_a_cluster_run_says_how_to_install_it(copy_projec
     for name in ("dask", "distributed"):
         monkeypatch.setitem(sys.modules, name, None)  # `import dask` raises ImportError
     address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
-    monkeypatch.chdir(repo)
-    with pytest.raises(StageError) as raised:
-        tune.main(["--scheduler", address])
-    message = str(raised.value)
+    message = tune_in_process(repo, monkeypatch, address)
     assert "\n" not in message and address in message and ENV_VAR in message, message
     assert message.endswith("pip install -e '.[cluster]'"), message
-    assert sh("git", "status", "--porcelain", "--ignored", "metrics", cwd=repo).stdout == ""
 
 
 def failing_search(how: str) -> GridSearchCV:
