@@ -101,18 +101,13 @@ def ship_package(client) -> None:
 def quiet_distributed():
     """Keep the log lines of distributed (and of tornado and asyncio under it) out of the
     stage's output: connection retries, the traceback of a lost scheduler. Some of its
-    loggers have a level and a handler of their own, so each is silenced."""
-    names = [name for name in ["distributed", "tornado", "asyncio", *logging.root.manager.loggerDict]
-             if name.split(".")[0] in ("distributed", "tornado", "asyncio")]
-    loggers = [logging.getLogger(name) for name in dict.fromkeys(names)]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL + 1)
+    loggers have a level and a handler of their own, so logging is turned off as a whole
+    (``logging.disable``) while the stage talks to the cluster: the stage logs nothing itself."""
+    logging.disable(logging.CRITICAL)
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 def connect(address: str):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from mnist_dvc.data import N_CLASSES, label_outside, load_stored_split
+from mnist_dvc.data import N_CLASSES, confusion_counts, label_outside, load_stored_split
 from mnist_dvc.figures import plt, save_png
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import StageError, run_stage
@@ -112,7 +112,7 @@ def confusion_matrices(predictions: dict[str, tuple[np.ndarray, np.ndarray]]):
     # cost this stage 0.66 s of imports (sklearn.metrics), two thirds of its start-up.
     fig, axes = plt.subplots(1, len(predictions), figsize=(6 * len(predictions), 5.5))
     for ax, (name, (actual, predicted)) in zip(axes, predictions.items()):
-        counts = np.bincount(actual * N_CLASSES + predicted, minlength=N_CLASSES**2).reshape(N_CLASSES, N_CLASSES)
+        counts = confusion_counts(actual, predicted)
         ax.imshow(counts, cmap="Blues")
         for (true, guess), count in np.ndenumerate(counts):
             ax.text(guess, true, count, ha="center", va="center", fontsize=8,

@@ -95,3 +95,17 @@ def test_confusion_matrices_count_true_labels_by_row_and_predictions_by_column()
     np.testing.assert_array_equal(drawn[0], confusion_matrix(actual, predicted, labels=range(10)))
     np.testing.assert_array_equal(drawn[1], np.diag(np.bincount(actual, minlength=10)))
     assert fig.axes[0].get_title().endswith(f": {int((actual != predicted).sum())} errors")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64])  # IDX labels (uint8), stored ones (int64)
+def test_confusion_counts_match_sklearn_whatever_the_label_dtype(dtype):
+    from sklearn.metrics import confusion_matrix
+
+    from mnist_dvc.data import confusion_counts
+
+    rng = np.random.default_rng(1)
+    actual = rng.integers(0, 10, 2000).astype(dtype)
+    predicted = np.where(rng.random(2000) < 0.5, actual, 9).astype(dtype)
+    counts = confusion_counts(actual, predicted)
+    assert counts.dtype == np.int64 and counts.shape == (10, 10)
+    np.testing.assert_array_equal(counts, confusion_matrix(actual, predicted, labels=range(10)))

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_dvc.data import N_CLASSES, load_stored_split
+from mnist_dvc.data import N_CLASSES, confusion_counts, load_stored_split
 from mnist_dvc.stage import StageError, atomic_dir
 
 WORKSPACE = "workspace"
@@ -277,13 +277,6 @@ def model_groups(revisions: list[Revision]) -> dict[str, str]:
     return {title: model for model, title in MODELS.items()}
 
 
-def confusion(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Counts, rows the true digit, columns the prediction."""
-    counts = np.zeros((N_CLASSES, N_CLASSES), np.int64)
-    np.add.at(counts, (actual, predicted), 1)
-    return counts
-
-
 def biggest_changes(base: np.ndarray, other: np.ndarray, count: int = 6) -> list[str]:
     """The off-diagonal cells whose count changed most: ``4 read as 9: 12 -> 5 (-7)``."""
     change = other - base
@@ -354,7 +347,7 @@ def confusion_png(revisions: list[Revision]) -> bytes:
     plt = pyplot()
 
     groups = model_groups(revisions)
-    matrices = [[confusion(*r.predictions[m]) for m in groups.values()] for r in revisions]
+    matrices = [[confusion_counts(*r.predictions[m]) for m in groups.values()] for r in revisions]
     top = max(int(m.max()) for row in matrices for m in row)
     fig, axes = plt.subplots(len(revisions), len(groups), figsize=(4.2 * len(groups) + 0.4, 4.0 * len(revisions)),
                              squeeze=False)
@@ -385,9 +378,9 @@ def changes_png(revisions: list[Revision]) -> bytes:
     plt = pyplot()
 
     groups = model_groups(revisions)
-    base = [confusion(*revisions[0].predictions[m]) for m in groups.values()]
+    base = [confusion_counts(*revisions[0].predictions[m]) for m in groups.values()]
     rows = revisions[1:]
-    diffs = [[confusion(*r.predictions[m]) - b for m, b in zip(groups.values(), base)] for r in rows]
+    diffs = [[confusion_counts(*r.predictions[m]) - b for m, b in zip(groups.values(), base)] for r in rows]
     for row in diffs:
         for d in row:
             np.fill_diagonal(d, 0)
@@ -604,8 +597,8 @@ def build(root: Path, revisions: list[Revision]) -> tuple[str, list[Section]]:
                        f"Errors per cell minus {revisions[0].name}'s: red more, blue fewer")
         for revision in comparable[1:]:
             for who, model in model_groups(comparable).items():
-                changes = biggest_changes(confusion(*revisions[0].predictions[model]),
-                                          confusion(*revision.predictions[model]))
+                changes = biggest_changes(confusion_counts(*revisions[0].predictions[model]),
+                                          confusion_counts(*revision.predictions[model]))
                 matrices.text(f"{revision.name}, {who}, the errors that changed most: "
                               + ("; ".join(changes) or "none") + ".")
     sections.append(matrices)
