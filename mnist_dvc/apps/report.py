@@ -294,10 +294,8 @@ def same_split(revisions: list[Revision]) -> list[str]:
 # --- drawing ------------------------------------------------------------------------------
 
 def pyplot():
-    """matplotlib's pyplot, headless (importing mnist_dvc.figures selects Agg and the font), loaded when drawing."""
-    import mnist_dvc.figures  # noqa: F401  (first: it selects Agg)
-
-    import matplotlib.pyplot as plt
+    """matplotlib's pyplot, headless (mnist_dvc.figures selects Agg and the font), loaded when drawing."""
+    from mnist_dvc.figures import plt
 
     return plt
 
