@@ -246,38 +246,27 @@ def _blank() -> ImageError:
 def _mad(values: np.ndarray) -> float:
     """Robust standard deviation: 1.4826 times the median absolute deviation.
 
-    Two lines rather than scipy.stats.median_abs_deviation(scale="normal"):
-    importing scipy.stats adds over a second to every predict and serve start.
+    Not scipy.stats.median_abs_deviation(scale="normal"): importing scipy.stats
+    would lengthen every predict and serve start (docs/performance.md).
     """
-    return 1.4826 * float(_median(np.abs(values - _median(values)))) if values.size else 0.0
+    return 1.4826 * float(np.median(np.abs(values - np.median(values)))) if values.size else 0.0
 
 
-def _median(values: np.ndarray):
-    """``np.median(values)``, the same value, at a fraction of its overhead on small arrays."""
-    flat = values.ravel()
-    low, high = (flat.size - 1) // 2, flat.size // 2  # the middle one, or the middle two
-    part = np.partition(flat, (low, high))
-    a, b = part[low], part[high]
-    if flat.dtype.kind in "biu":
-        a, b = np.float64(a), np.float64(b)
-    return (a + b) / 2  # np.median's mean of the middle two: float32 stays float32, integers become float64
+def _box(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The bounding box of ``mask``'s True pixels, as (rows, columns) slices; None if there are none.
 
-
-def _percentile(values: np.ndarray, q: float) -> float:
-    """``np.percentile(values, q)`` (linear interpolation; ``values`` not empty) to float rounding,
-    by one partition without its overhead."""
-    position = q / 100 * (values.size - 1)
-    low = math.floor(position)
-    high = min(low + 1, values.size - 1)
-    part = np.partition(values.ravel(), (low, high))
-    return float(part[low]) + (position - low) * (float(part[high]) - float(part[low]))
+    By ``np.any`` along each axis rather than ``ndimage.find_objects``, which
+    visits every pixel one by one and is many times slower on a whole picture.
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)) if rows.size else None
 
 
 def _edge_mask(shape: tuple[int, int]) -> np.ndarray:
     """A band along the four edges, 3% of the shorter side (at least one pixel) wide."""
     band = max(1, round(0.03 * min(shape)))
-    edge = np.zeros(shape, dtype=bool)
-    edge[:band], edge[-band:], edge[:, :band], edge[:, -band:] = True, True, True, True
+    edge = np.ones(shape, dtype=bool)
+    edge[band:-band, band:-band] = False
     return edge
 
 
@@ -294,9 +283,9 @@ def _background(grey: np.ndarray) -> tuple[np.ndarray | np.float32, float]:
     sample = grey[::step, ::step]
     edge = _edge_mask(sample.shape)
     border = sample[edge]
-    level = _median(border)
+    level = np.median(border)
     # A frame or a desk all around the sheet: the border is not the paper, most of the picture is.
-    overall = _median(sample)
+    overall = np.median(sample)
     near = np.abs(sample - overall) <= 0.1
     if abs(level - overall) > 0.3 and near.mean() >= FRAME_PAPER and not near[edge].any():
         return np.float32(overall), _mad(sample[near])
@@ -379,12 +368,11 @@ def _strokes(ink: np.ndarray, sigma: float) -> np.ndarray:
     keep = mass >= MIN_PART * mass[biggest]
     keep[0] = False
     # Crop to the kept components first: the rest of the work is on the digit's box only.
-    boxes = [box for box, k in zip(ndimage.find_objects(labels), keep[1:]) if k]
-    top, bottom = min(b[0].start for b in boxes), max(b[0].stop for b in boxes)
-    left, right = min(b[1].start for b in boxes), max(b[1].stop for b in boxes)
-    ink, labels = ink[top:bottom, left:right], labels[top:bottom, left:right]
     kept = keep[labels]
-    level = _percentile(ink[kept], 90)
+    box = _box(kept)
+    ink, kept = ink[box], kept[box]
+    # In float64, like the arithmetic it feeds: float32 would round the interpolated level.
+    level = float(np.percentile(ink[kept].astype(np.float64), 90))
     strokes = np.clip((ink - floor) * np.float32(1 / max(level - floor, 1e-6)), 0, 1)
     strokes[~kept] = 0
     return strokes
@@ -404,12 +392,12 @@ class _Picture:
     @classmethod
     def around(cls, mask: np.ndarray) -> _Picture | None:
         """The crop around ``mask``'s True pixels; None if there are none."""
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if rows.size == 0:
+        box = _box(mask)
+        if box is None:
             return None
-        h, w = mask.shape
-        return cls(mask.shape, (slice(max(rows[0] - 1, 0), min(rows[-1] + 2, h)),
-                                slice(max(cols[0] - 1, 0), min(cols[-1] + 2, w))))
+        (rows, cols), (h, w) = box, mask.shape
+        return cls(mask.shape, (slice(max(rows.start - 1, 0), min(rows.stop + 1, h)),
+                                slice(max(cols.start - 1, 0), min(cols.stop + 1, w))))
 
     def along_the_edge(self, labels: np.ndarray, count: int) -> np.ndarray:
         """For each component label (of the crop): whether it covers more than EDGE_CONTACT of the picture's edge."""
@@ -428,11 +416,6 @@ class _Picture:
     def span(self, mask: np.ndarray) -> float:
         """The larger of the fractions of the picture's columns and rows that hold ink (``mask``: the crop)."""
         return max(mask.any(axis=0).sum() / self.width, mask.any(axis=1).sum() / self.height)
-
-
-def _box_area(mask: np.ndarray) -> int:
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)) if rows.size else 0
 
 
 def _without_thin_lines(mask: np.ndarray, labels: np.ndarray, sheet: np.ndarray, picture: _Picture) -> np.ndarray:
@@ -463,16 +446,14 @@ def _without_thin_lines(mask: np.ndarray, labels: np.ndarray, sheet: np.ndarray,
     core = depth > radius
     opened = mask & (ndimage.distance_transform_edt(~core) <= radius + 1)
     digit = opened & ~along_edge
-    return opened if digit.any() and _box_area(digit) <= LINE_BOX * _box_area(inner) else mask
+    box = _box(digit)
+    return opened if box and digit[box].size <= LINE_BOX * inner[_box(inner)].size else mask
 
 
 def _stroke_width(mask: np.ndarray) -> float:
     """Mean stroke width in pixels: twice the area over the boundary length."""
-    area = int(mask.sum())
-    # ndimage.binary_erosion(mask)'s count (a cross, outside the array is background), 5x cheaper by slices.
-    m = _pad(mask, 1, 1, 1, 1)
-    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    boundary = area - int(inner.sum())
+    area = np.count_nonzero(mask)
+    boundary = area - np.count_nonzero(ndimage.binary_erosion(mask))
     return 2 * area / max(boundary, 1)
 
 
@@ -483,10 +464,8 @@ def _thicken(a: np.ndarray) -> np.ndarray:
         return a
     k = max(1, max(a.shape) // 160)  # max-pool big crops: keeps thin lines, makes the dilation cheap
     if k > 1:
-        h, w = a.shape
-        padded = np.zeros((-(-h // k) * k, -(-w // k) * k), np.float32)
-        padded[:h, :w] = a
-        a = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).max(axis=(1, 3))
+        a = np.pad(a, ((0, -a.shape[0] % k), (0, -a.shape[1] % k)))
+        a = a.reshape(a.shape[0] // k, k, a.shape[1] // k, k).max(axis=(1, 3))
         mask = a > 0.5
     radius = (STROKE * max(a.shape) - _stroke_width(mask)) / 2
     if radius <= 0:
@@ -508,7 +487,7 @@ def _render(a: np.ndarray) -> np.ndarray:
     """
     h, w = a.shape
     scale = (BOX - 1) / (max(h, w) - 1) if max(h, w) > 1 else 1.0
-    cy, cx = _centre_of_mass(a)
+    cy, cx = ndimage.center_of_mass(a)
     # Where the crop's top-left corner lands in the output (continuous coordinates, pixel k spans [k, k+1)).
     left = min(max(CENTRE[1] + 0.5 - (cx + 0.5) * scale, 0.0), SIDE - w * scale)
     top = min(max(CENTRE[0] + 0.5 - (cy + 0.5) * scale, 0.0), SIDE - h * scale)
@@ -522,13 +501,13 @@ def _render(a: np.ndarray) -> np.ndarray:
     # REDUCING_GAP source pixels per output pixel: the same picture, a fraction of the work.
     k = int(1 / (scale * REDUCING_GAP))
     if k > 1:
-        a = np.asarray(Image.fromarray(_pad(a, 0, -h % k, 0, -w % k), mode="F").reduce(k))
+        a = np.asarray(Image.fromarray(np.pad(a, ((0, -h % k), (0, -w % k))), mode="F").reduce(k))
         (h, w), scale = a.shape, scale * k
         x0, x1, y0, y1 = x0 / k, x1 / k, y0 / k, y1 / k
     margin = 3 / min(scale, 1) + 1  # the filter's reach
     pad_left, pad_top = math.ceil(max(0.0, -x0) + margin), math.ceil(max(0.0, -y0) + margin)
     pad_right, pad_bottom = math.ceil(max(0.0, x1 - w) + margin), math.ceil(max(0.0, y1 - h) + margin)
-    padded = _pad(a, pad_top, pad_bottom, pad_left, pad_right)
+    padded = np.pad(a, ((pad_top, pad_bottom), (pad_left, pad_right)))
     resample = Image.LANCZOS if scale < 1 else Image.BICUBIC
     box = (x0 + pad_left, y0 + pad_top, x1 + pad_left, y1 + pad_top)
     out = np.asarray(Image.fromarray(padded, mode="F").resize((SIDE, SIDE), resample, box=box))
@@ -538,22 +517,6 @@ def _render(a: np.ndarray) -> np.ndarray:
     # Lanczos rings: faint (< 3%) echoes of the strokes around them; MNIST's background is exactly 0.
     out[out < 0.03] = 0
     return np.minimum(out, 1, out=out)
-
-
-def _pad(a: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
-    """``a`` with rows and columns of zeros around it: ``np.pad``'s result at a tenth of its overhead."""
-    h, w = a.shape
-    out = np.zeros((top + h + bottom, left + w + right), a.dtype)
-    out[top:top + h, left:left + w] = a
-    return out
-
-
-def _centre_of_mass(a: np.ndarray) -> tuple[float, float]:
-    """``ndimage.center_of_mass(a)`` (row, column), the same sums without its overhead."""
-    total = a.sum()
-    rows = np.arange(a.shape[0], dtype=np.float64)[:, None]
-    cols = np.arange(a.shape[1], dtype=np.float64)[None, :]
-    return float((a * rows).sum() / total), float((a * cols).sum() / total)
 
 
 def _shrink_factor(pixels: np.ndarray, white: float) -> int:
@@ -575,13 +538,12 @@ def _shrink_factor(pixels: np.ndarray, white: float) -> int:
     step = max(1, math.ceil(max(h, w) / 64))
     sample = pixels[::step, ::step].astype(np.float32)
     edge = _edge_mask(sample.shape)
-    visible = np.abs(sample - _median(sample[edge])) > 0.1 * white
+    visible = np.abs(sample - np.median(sample[edge])) > 0.1 * white
     labels, count = ndimage.label(visible, structure=_EIGHT)
     if count == 0:
         return 1
     patch = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
-    rows, cols = np.flatnonzero(patch.any(axis=1)), np.flatnonzero(patch.any(axis=0))
-    height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    height, width = patch[_box(patch)].shape
     if (patch & edge).any() or max(height / sample.shape[0], width / sample.shape[1]) >= LINE_SPAN:
         return 1
     return max(1, (max(height, width) - 1) * step // DIGIT_SIDE)  # (n - 1) steps: a lower bound of its size
