@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from helpers import dvc, sh
 from mnist_dvc.apps import report
@@ -92,10 +93,15 @@ def test_head_and_two_experiments_side_by_side_in_an_offline_browser(experiments
             assert cells[rev, file, key] == f"{dig(metrics[rev][file]['data'], key):.4f}", (rev, file, key)
     assert "| metric | HEAD | exp-a | exp-b |" in markdown
 
-    # the params that differ, and only those
+    # the params that differ, and only those: the experiments' settings against what the fixture's HEAD holds
+    # (its params.yaml is the workspace's at the time the fixture was made, so nothing here is hard-coded)
+    head = yaml.safe_load(sh("git", "show", "HEAD:params.yaml", cwd=experiments).stdout)
+    hidden, lr, val_size = json.dumps(head["model"]["hidden"]), head["train"]["lr"], head["preprocess"]["val_size"]
+    expected = {"model.hidden": [hidden, hidden, "[64]"], "preprocess.val_size": [val_size, val_size, 200],
+                "train.lr": [lr, 0.003, lr]}
     params = re.search(r"## Params that differ\n\n(.*?)\n\n", markdown, re.S).group(1).splitlines()[2:]
-    assert sorted(params) == ["| model.hidden | [128] | [128] | [64] |", "| preprocess.val_size | 0 | 0 | 200 |",
-                              "| train.lr | 0.001 | 0.003 | 0.001 |"]
+    assert sorted(params) == sorted(f"| {key} | {' | '.join(map(str, values))} |" for key, values in expected.items()
+                                    if len({str(value) for value in values}) > 1)
 
     # the digits exp-a reads differently, counted from the predictions DVC has for each revision
     import dvc.api
@@ -162,14 +168,15 @@ def test_an_out_folder_holding_other_files_is_refused(experiments, tmp_path):
 def revision(name: str, actual: list[int], predicted: list[int], **params) -> report.Revision:
     arrays = (np.array(actual), np.array(predicted))
     curve = (np.arange(2), np.array([0.5, 0.3]))
+    accuracy = float(np.mean(arrays[0] == arrays[1]))
     return report.Revision(name, f"commit {name}", params={k: str(v) for k, v in params.items()},
-                           metrics={"metrics/evaluate.json: manual.accuracy": float(np.mean(arrays[0] == arrays[1]))},
+                           metrics={"metrics/evaluate.json": {"manual.accuracy": accuracy}},
                            curves={"train/loss": {"train": curve, "fit": curve}},
                            predictions={"manual": arrays, "skorch": arrays})
 
 
 def texts(sections) -> str:
-    return "\n".join(str(content) for section in sections for kind, content in section.parts if kind == "text")
+    return "\n".join(part for section in sections for part in section.parts if isinstance(part, str))
 
 
 def test_a_revision_evaluated_on_another_test_split_is_said_so_not_drawn(tmp_path):
@@ -178,7 +185,7 @@ def test_a_revision_evaluated_on_another_test_split_is_said_so_not_drawn(tmp_pat
     _, sections = report.build(tmp_path, [base, other])
     assert "The test split of B differs from A's" in texts(sections)
     assert "Test digits that changed" not in [section.title for section in sections]
-    images = [content[0] for section in sections for kind, content in section.parts if kind == "image"]
+    images = [part.file_name for section in sections for part in section.parts if isinstance(part, report.Figure)]
     assert images == ["curves.png", "confusion.png"]
 
 
@@ -201,27 +208,35 @@ def test_numbers_are_printed_as_dvc_exp_show_does():
     assert report.number(-203528, signed=True) == "-203528"
 
 
-def tables(sections) -> dict[str, list[list[str]]]:
-    """Each metrics table's rows, by the file named in the line before it."""
-    found, caption = {}, None
-    for section in sections:
-        for kind, content in section.parts:
-            if kind == "text":
-                caption = content.split(":")[0]
-            elif kind == "table":
-                found[caption] = content[1]
-    return found
+def tables(sections) -> dict[str, list[list[tuple[str, str]]]]:
+    """Each metrics table's rows as (value, difference) cells, by the file its caption names."""
+    return {part.caption.split(":")[0]: [[(cell.value, cell.diff) for cell in row] for row in part.rows]
+            for section in sections for part in section.parts if isinstance(part, report.Table) and part.caption}
 
 
 def test_a_new_metric_key_or_file_is_shown_without_being_named_in_the_report(tmp_path):
     base = revision("A", [1, 2], [1, 2])
     other = revision("B", [1, 2], [1, 2])
-    other.metrics["metrics/evaluate.json: feedback_accuracy"] = 0.8125
+    other.metrics["metrics/evaluate.json"]["feedback_accuracy"] = 0.8125
     for rev, count in ((base, 3), (other, 5)):
-        rev.metrics["metrics/feedback.json: pictures"] = count
-        rev.metrics["metrics/feedback.json: same"] = 1
+        rev.metrics["metrics/feedback.json"] = {"pictures": count, "same": 1}
     _, sections = report.build(tmp_path, [base, other])
     shown = tables(sections)
-    assert ["feedback_accuracy", "-", "0.8125"] in shown["metrics/evaluate.json"]
+    assert [("feedback_accuracy", ""), ("-", ""), ("0.8125", "")] in shown["metrics/evaluate.json"]
     # another metrics file dvc.yaml names: only the values that differ
-    assert shown["metrics/feedback.json"] == [["pictures", "3", "5\n+2"]]
+    assert shown["metrics/feedback.json"] == [[("pictures", ""), ("3", ""), ("5", "+2")]]
+
+
+def test_a_long_value_wraps_and_every_column_stays_on_the_page(offline_browser, tmp_path):
+    base, other = revision("A", [1, 2], [1, 2]), revision("B", [1, 2], [1, 2])
+    for rev, digit in ((base, "7"), (other, "9")):  # a hash such as metrics/feedback.json's, 64 characters
+        rev.metrics["metrics/feedback.json"] = {"labels_sha256": digit * 64}
+    title, sections = report.build(tmp_path, [base, other])
+    report.write_report(tmp_path / "report", title, sections)
+    offline_browser.get((tmp_path / "report" / "report.html").as_uri())
+    page = offline_browser.execute_script("""
+        const cell = document.querySelector('td[data-rev="B"][data-key="labels_sha256"]');
+        return {text: cell.innerText, right: cell.getBoundingClientRect().right,
+                width: document.documentElement.clientWidth, scrolled: document.documentElement.scrollWidth};""")
+    assert page["text"].replace("\n", "") == json.dumps("9" * 64)  # wrapped, not cut
+    assert page["right"] <= page["width"] and page["scrolled"] <= page["width"], page

@@ -3,26 +3,16 @@
     python -m mnist_dvc.apps.report [REV ...] [--out DIR]
     make report REVS="HEAD exp-a exp-b"
 
-A REV is anything DVC resolves: a commit, a branch or a tag, the name of a
-DVC experiment (``dvc exp show``), or ``workspace``. With none, the report
-compares ``HEAD`` (the baseline) with the workspace; otherwise the first REV
-is the baseline the others are compared with. Each revision's params.yaml,
-metrics, curves and predictions are read through DVC's own file system
-(``dvc.api.DVCFileSystem``): nothing is checked out and nothing trains.
+A REV is a commit, a branch, a tag, a DVC experiment's name or ``workspace``;
+the first is the baseline (default: ``HEAD`` against the workspace). Each is
+read through ``dvc.api``: params with ``params_show``; metrics files, curves
+and predictions through ``DVCFileSystem``; ``all_branches``, ``all_tags`` and
+``exp_show`` say what it is. Nothing is checked out and nothing trains.
 
-It writes DIR (default ``reports``):
-- ``report.html``: one self-contained page (every chart a PNG data URI,
-  no ``src`` or ``href`` to another host), which opens from disk;
-- ``report.md``: the same for a pull request or an issue, its PNGs beside it.
-
-Side by side for each revision: the params that differ; every number in
-metrics/evaluate.json, tune.json and export.json with its difference from
-the baseline (and, of the other metrics files dvc.yaml names, the values
-that differ); the per-epoch curves (train loss, and the validation curves
-where present) of every revision on shared axes; both models' confusion
-matrices and how they changed; and, as pictures, the test digits a revision
-reads right that the baseline read wrong, and the other way round (the test
-images are the workspace's data/processed/test_images.npy).
+DIR (default ``reports``) gets ``report.html``, one self-contained page (every
+chart a PNG data URI, no ``src`` or ``href`` to another host), and
+``report.md`` with its PNGs beside it, both from ``templates/``.
+docs/experiments.md says what they show, side by side.
 
 Exit status: 0; 2 for a revision DVC cannot resolve or one without the
 pipeline's results (one line naming it and the revisions that exist), or a
@@ -34,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
+import functools
 import io
 import json
 import math
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +62,7 @@ class Revision:
     name: str
     label: str = ""
     params: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, object] = field(default_factory=dict)  # "metrics/evaluate.json: manual.accuracy" -> value
+    metrics: dict[str, dict[str, object]] = field(default_factory=dict)  # file -> {"manual.accuracy": value}
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # curve -> training
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # model -> actual, predicted
 
@@ -88,43 +77,38 @@ def project_root(start: Path) -> Path:
     raise ReportError(f"{start} is not inside a DVC project (no .dvc/ folder above it); run the report from one")
 
 
-def git_refs(root: Path) -> dict[str, list[tuple[str, str]]]:
-    """Branches, tags and DVC experiments of the repository: kind -> [(name, commit)]."""
-    result = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)",
-                             "refs/heads", "refs/tags", "refs/exps"],
-                            cwd=root, capture_output=True, text=True)
-    refs: dict[str, list[tuple[str, str]]] = {"branches": [], "tags": [], "experiments": []}
-    for line in result.stdout.splitlines():
-        commit, ref = line.split(" ", 1)
-        parts = ref.split("/")
-        if parts[1] == "heads":
-            refs["branches"].append(("/".join(parts[2:]), commit))
-        elif parts[1] == "tags":
-            refs["tags"].append(("/".join(parts[2:]), commit))
-        elif len(parts) == 5:  # refs/exps/<2 hex>/<38 hex of the baseline>/<name>
-            refs["experiments"].append((parts[4], commit))
-    return refs
+@functools.cache
+def named_revisions(root: Path) -> dict[str, dict[str, str]]:
+    """Branches, tags and HEAD's experiments (as ``dvc exp show`` lists them): kind -> {name: short commit}.
+
+    Read once per report (``main`` clears it): every label and error line uses the same listing.
+    """
+    import dvc.api
+
+    experiments = {row["Experiment"]: row["rev"] for row in dvc.api.exp_show(repo=str(root))
+                   if row["Experiment"] and row["typ"] != "baseline"}
+    return {"branches": dict.fromkeys(dvc.api.all_branches(str(root)), ""),
+            "tags": dict.fromkeys(dvc.api.all_tags(str(root)), ""), "experiments": experiments}
 
 
 def existing_revisions(root: Path) -> str:
     """``revisions here: workspace; branches main; experiments exp-a, exp-b`` for an error line."""
     listed = [WORKSPACE]
-    for kind, names in git_refs(root).items():
-        names = sorted({name for name, _ in names})
+    for kind, names in named_revisions(root).items():
+        names = sorted(names)
         if names:
             shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
             listed.append(f"{kind} {shown}")
     return "revisions here: " + "; ".join(listed) + " (or any commit)"
 
 
-def describe(root: Path, name: str, commit: str) -> str:
+def kind_and_commit(root: Path, name: str, commit: str) -> str:
     """``experiment c7cf717``, ``branch 8a3df28``, ``commit 8a3df28`` or, for the workspace, ``on 8a3df28``."""
     if name == WORKSPACE:
         return f"on {commit[:7]}"
-    for kind, refs in git_refs(root).items():
-        if (name, commit) in refs:
-            return f"{kind[:-1]} {commit[:7]}"
-    return f"commit {commit[:7]}"
+    singular = {"branches": "branch", "tags": "tag", "experiments": "experiment"}
+    kind = next((singular[kind] for kind, names in named_revisions(root).items() if name in names), "commit")
+    return f"{kind} {commit[:7]}"
 
 
 def flatten(tree, prefix: str = "") -> dict[str, object]:
@@ -154,76 +138,61 @@ def read_predictions(text: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     return table[:, 0], table[:, 1]
 
 
-def read_text(fs, path: str) -> str | None:
-    """The file at ``path`` in ``fs``, or None where the revision has none."""
-    try:
-        return fs.read_text(path, encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        return None
-    except UnicodeDecodeError:
-        raise ReportError(f"{path} is not UTF-8 text") from None
+def read_metrics(fs, name: str) -> dict[str, dict[str, object]]:
+    """Every metrics file the revision's dvc.yaml names, and METRIC_FILES: file -> {"manual.accuracy": value}.
 
-
-def declared_metrics(dvc_yaml: str | None) -> list[str]:
-    """The metrics files a dvc.yaml names (its top-level ``metrics`` and each stage's), in order."""
+    Read as files, not with ``dvc.api.metrics_show``: that merges the files,
+    names a key's file only where two files share the key (which differs from
+    one revision to another) and drops lists such as tune's best point.
+    """
     import yaml
 
-    try:
-        pipeline = yaml.safe_load(dvc_yaml or "") or {}
-    except yaml.YAMLError:
-        return []
-    entries = list(pipeline.get("metrics") or [])
-    for stage in (pipeline.get("stages") or {}).values():
-        entries += (stage.get("metrics") or []) if isinstance(stage, dict) else []
-    paths = [entry if isinstance(entry, str) else next(iter(entry), None) for entry in entries]
-    return list(dict.fromkeys(path for path in paths if isinstance(path, str)))
+    pipeline = (yaml.safe_load(fs.read_text("dvc.yaml")) or {}) if fs.isfile("dvc.yaml") else {}
+    entries = [*(pipeline.get("metrics") or []), *(entry for stage in (pipeline.get("stages") or {}).values()
+                                                   if isinstance(stage, dict) for entry in stage.get("metrics") or [])]
+    declared = [entry if isinstance(entry, str) else next(iter(entry), None) for entry in entries]
+    metrics = {}
+    for path in dict.fromkeys([*METRIC_FILES, *(path for path in declared if isinstance(path, str))]):
+        if fs.isfile(path):
+            try:
+                text = fs.read_text(path, encoding="utf-8")
+                metrics[path] = flatten(json.loads(text) if path.endswith(".json") else yaml.safe_load(text))
+            except (ValueError, yaml.YAMLError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise ReportError(f"{name}:{path} is not valid JSON or YAML") from None
+    return metrics
 
 
 def read_revision(root: Path, name: str) -> Revision:
-    """Everything the report shows of revision ``name``, read through ``dvc.api.DVCFileSystem``."""
-    import yaml
-    from dvc.api import DVCFileSystem
+    """Everything the report shows of revision ``name``, read through ``dvc.api``."""
+    import dvc.api
     from dvc.exceptions import DvcException
 
+    rev = None if name == WORKSPACE else name
     try:
-        fs = DVCFileSystem(str(root), rev=None if name == WORKSPACE else name)
+        fs = dvc.api.DVCFileSystem(str(root), rev=rev)
         commit = fs.repo.get_rev()  # opens the revision: an unknown one fails here (fs.exists would say False)
     except DvcException as exc:
         raise ReportError(f"unknown revision {name!r} ({exc}); {existing_revisions(root)}") from None
     try:
-        texts = {path: read_text(fs, path) for path in [*REQUIRED, *METRIC_FILES]}
-        missing = [path for path in REQUIRED if texts[path] is None]
+        missing = [path for path in REQUIRED if not fs.isfile(path)]
         if missing:
             raise ReportError(f"revision {name!r} has no {', '.join(missing)}: it has no results of the pipeline "
                               f"(dvc repro or dvc exp run makes them); {existing_revisions(root)}")
-        revision = Revision(name, describe(root, name, commit))
-        try:
-            params = yaml.safe_load(texts["params.yaml"]) or {}
-        except yaml.YAMLError:
-            raise ReportError(f"{name}:params.yaml is not valid YAML") from None
+        revision = Revision(name, kind_and_commit(root, name, commit))
         revision.params = {key: json.dumps(value) if isinstance(value, list) else str(value)
-                           for key, value in flatten(params).items()}
-        for path in dict.fromkeys([*METRIC_FILES, *declared_metrics(read_text(fs, "dvc.yaml"))]):
-            text = texts[path] if path in texts else read_text(fs, path)
-            if text is not None:
-                try:
-                    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-                except (json.JSONDecodeError, yaml.YAMLError):
-                    raise ReportError(f"{name}:{path} is not valid JSON or YAML") from None
-                revision.metrics.update({f"{path}: {key}": value for key, value in flatten(values).items()})
+                           for key, value in flatten(dvc.api.params_show(repo=str(root), rev=rev)).items()}
+        revision.metrics = read_metrics(fs, name)
         for training, folder in TRAININGS.items():
             plots = f"{folder}/plots/metrics"
-            for path in sorted(fs.find(plots)):
-                if path.endswith(".tsv"):
-                    curve = path[len(plots) + 1:-len(".tsv")]  # e.g. train/loss, val/accuracy
-                    try:
-                        revision.curves.setdefault(curve, {})[training] = read_tsv(texts.get(path)
-                                                                                   or fs.read_text(path))
-                    except ValueError:
-                        raise ReportError(f"{name}:{path} is not DVCLive's step<TAB>value table") from None
+            for path in sorted(p for p in fs.find(plots) if p.endswith(".tsv")):
+                curve = path[len(plots) + 1:-len(".tsv")]  # e.g. train/loss, val/accuracy
+                try:
+                    revision.curves.setdefault(curve, {})[training] = read_tsv(fs.read_text(path, encoding="utf-8"))
+                except (ValueError, UnicodeDecodeError):
+                    raise ReportError(f"{name}:{path} is not DVCLive's step<TAB>value table") from None
         for model in MODELS:
             path = f"metrics/predictions/{model}.csv"
-            revision.predictions[model] = read_predictions(texts[path], f"{name}:{path}")
+            revision.predictions[model] = read_predictions(fs.read_text(path, encoding="utf-8"), f"{name}:{path}")
         return revision
     except DvcException as exc:
         raise ReportError(f"revision {name!r} cannot be read: {exc}") from None
@@ -253,19 +222,19 @@ def params_that_differ(revisions: list[Revision]) -> list[tuple[str, list[str]]]
     return [(key, values) for key, values in rows if len(set(values)) > 1]
 
 
-def metric_rows(revisions: list[Revision], path: str) -> list[tuple[str, list[str], list[str]]]:
-    """(key, values, differences from the baseline) for every key of the metrics file ``path`` any revision has."""
-    prefix = f"{path}: "
-    keys = list(dict.fromkeys(key[len(prefix):] for revision in revisions for key in revision.metrics
-                              if key.startswith(prefix)))
+def metric_rows(revisions: list[Revision], path: str) -> list[list[Cell]]:
+    """A row per key of the metrics file ``path`` any revision has: the key, then each revision's value with its
+    difference from the baseline."""
+    keys = list(dict.fromkeys(key for revision in revisions for key in revision.metrics.get(path, {})))
     rows = []
     for key in keys:
-        values = [revision.metrics.get(prefix + key) for revision in revisions]
+        values = [revision.metrics.get(path, {}).get(key) for revision in revisions]
         base = values[0]
-        shown = [number(v) if is_number(v) else "-" if v is None else json.dumps(v) for v in values]
-        diffs = [("±0" if v == base else number(v - base, signed=True)) if i and is_number(v) and is_number(base)
-                 else "" for i, v in enumerate(values)]
-        rows.append((key, shown, diffs))
+        rows.append([Cell(key)] + [
+            Cell(number(v) if is_number(v) else "-" if v is None else json.dumps(v),
+                 ("±0" if v == base else number(v - base, signed=True)) if i and is_number(v) and is_number(base)
+                 else "", {"rev": revision.name, "file": path, "key": key})
+            for i, (revision, v) in enumerate(zip(revisions, values))])
     return rows
 
 
@@ -285,20 +254,13 @@ def biggest_changes(base: np.ndarray, other: np.ndarray, count: int = 6) -> list
     return [f"{t} read as {p}: {base[t, p]} → {other[t, p]} ({change[t, p]:+d})" for t, p in cells]
 
 
-def same_split(revisions: list[Revision]) -> list[str]:
+def on_another_split(revisions: list[Revision]) -> list[str]:
     """Names of the revisions whose test labels differ from the baseline's."""
     actual = revisions[0].predictions["manual"][0]
     return [r.name for r in revisions[1:] if not np.array_equal(r.predictions["manual"][0], actual)]
 
 
 # --- drawing ------------------------------------------------------------------------------
-
-def pyplot():
-    """matplotlib's pyplot, headless (mnist_dvc.figures selects Agg and the font), loaded when drawing."""
-    from mnist_dvc.figures import plt
-
-    return plt
-
 
 def figure_png(fig) -> bytes:
     """``fig`` as PNG bytes at the report's resolution (``figures.png_bytes``); closes it."""
@@ -307,20 +269,14 @@ def figure_png(fig) -> bytes:
     return png_bytes(fig, dpi=90)
 
 
-def colours(count: int) -> list:
-    plt = pyplot()
-
-    return [plt.get_cmap("tab10")(i % 10) for i in range(count)]
-
-
 def curves_png(revisions: list[Revision]) -> bytes:
     """One panel per curve (train/loss first), every revision on the same axes; skorch dashed."""
-    plt = pyplot()
+    from mnist_dvc.figures import plt  # pyplot, headless (Agg and the font), loaded only to draw
 
     names = sorted({curve for r in revisions for curve in r.curves}, key=lambda c: (c != "train/loss", c))
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.4), squeeze=False)
     for ax, curve in zip(axes[0], names):
-        for revision, colour in zip(revisions, colours(len(revisions))):
+        for revision, colour in zip(revisions, (plt.get_cmap("tab10")(i % 10) for i in range(len(revisions)))):
             for training, style in zip(TRAININGS, ("-", "--")):
                 if training in revision.curves.get(curve, {}):
                     steps, values = revision.curves[curve][training]
@@ -342,7 +298,7 @@ def adjust_grid(fig, rows: int) -> None:
 
 def confusion_png(revisions: list[Revision]) -> bytes:
     """The confusion matrices (one per model, or one for both), one row per revision, on one colour scale."""
-    plt = pyplot()
+    from mnist_dvc.figures import plt
 
     groups = model_groups(revisions)
     matrices = [[confusion_counts(*r.predictions[m]) for m in groups.values()] for r in revisions]
@@ -373,7 +329,7 @@ def label_matrix(ax, title: str) -> None:
 
 def changes_png(revisions: list[Revision]) -> bytes:
     """Per revision after the first, the change in each error cell from the baseline: red more, blue fewer."""
-    plt = pyplot()
+    from mnist_dvc.figures import plt
 
     groups = model_groups(revisions)
     base = [confusion_counts(*revisions[0].predictions[m]) for m in groups.values()]
@@ -401,7 +357,7 @@ def digits_png(images: np.ndarray, indices: np.ndarray, actual, before, after) -
 
     One mosaic on one axes: a subplot per digit costs more than drawing the digits.
     """
-    plt = pyplot()
+    from mnist_dvc.figures import plt
     shown = indices[:MAX_DIGITS]
     columns = min(12, len(shown))
     rows = math.ceil(len(shown) / columns)
@@ -420,87 +376,59 @@ def digits_png(images: np.ndarray, indices: np.ndarray, actual, before, after) -
     return figure_png(fig)
 
 
-# --- the document -------------------------------------------------------------------------
+# --- the document: typed parts, rendered by templates/report.html and report.md ---------------
+
+@dataclass
+class Cell:
+    """A table cell: its value, the value's difference from the baseline, and data-* attributes for the page."""
+
+    value: str
+    diff: str = ""
+    data: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[Cell]]
+    caption: str = ""  # the line above the table
+
+
+@dataclass
+class Figure:
+    file_name: str
+    png: bytes
+    caption: str
+
+    @property
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
 
 @dataclass
 class Section:
-    """A heading, then paragraphs, tables and charts, written as HTML and as Markdown."""
+    """A heading, then its parts in order: paragraphs (str), tables and figures."""
 
     title: str
-    parts: list[tuple[str, object]] = field(default_factory=list)  # ("text"|"table"|"image", content)
-
-    def text(self, line: str) -> None:
-        self.parts.append(("text", line))
-
-    def table(self, header: list[str], rows: list[list[str]], cells: list[list[dict]] | None = None) -> None:
-        self.parts.append(("table", (header, rows, cells)))
-
-    def image(self, file_name: str, png: bytes, caption: str) -> None:
-        self.parts.append(("image", (file_name, png, caption)))
+    parts: list[str | Table | Figure] = field(default_factory=list)
 
 
-def to_html(title: str, sections: list[Section]) -> str:
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;margin:1.5em auto;padding:0 1em;max-width:1200px;color:#222}"
-           "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
-           "text-align:right}td:first-child,th:first-child{text-align:left}.diff{color:#666;font-size:.85em}"
-           "img{max-width:100%;display:block;margin:.5em 0}figcaption{color:#555;font-size:.9em}</style>",
-           "</head><body>", f"<h1>{html.escape(title)}</h1>"]
-    for section in sections:
-        out.append(f"<h2>{html.escape(section.title)}</h2>")
-        for kind, content in section.parts:
-            if kind == "text":
-                out.append(f"<p>{html.escape(content)}</p>")
-            elif kind == "table":
-                header, rows, cells = content
-                out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
-                for r, row in enumerate(rows):
-                    tds = []
-                    for c, value in enumerate(row):
-                        attrs = "".join(f' data-{k}="{html.escape(str(v))}"'
-                                        for k, v in (cells[r][c] if cells else {}).items())
-                        tds.append(f"<td{attrs}>{html.escape(value).replace(chr(10), '<br><span class=diff>')}"
-                                   f"{'</span>' if chr(10) in value else ''}</td>")
-                    out.append("<tr>" + "".join(tds) + "</tr>")
-                out.append("</table>")
-            else:
-                file_name, png, caption = content
-                data = base64.b64encode(png).decode("ascii")
-                out.append(f"<figure><figcaption>{html.escape(caption)}</figcaption>"
-                           f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"></figure>')
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+def render(template: str, title: str, sections: list[Section]) -> str:
+    """``templates/<template>`` filled in; HTML escaped, Markdown's ``|`` escaped in table cells."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("mnist_dvc.apps"), autoescape=select_autoescape(["html"]),
+                      trim_blocks=True, lstrip_blocks=True)
+    env.tests["table"] = lambda part: isinstance(part, Table)
+    env.tests["figure"] = lambda part: isinstance(part, Figure)
+    env.filters["md_cell"] = lambda text: str(text).replace("|", "\\|")
+    return env.get_template(template).render(title=title, sections=sections).rstrip("\n") + "\n"
 
 
-def md_cell(value: str) -> str:
-    """A table cell; a value's difference (after a newline) in brackets."""
-    value = value.replace("|", "\\|")
-    return value.replace("\n", " (") + ")" if "\n" in value else value
-
-
-def to_markdown(title: str, sections: list[Section]) -> str:
-    out = [f"# {title}", ""]
-    for section in sections:
-        out += [f"## {section.title}", ""]
-        for kind, content in section.parts:
-            if kind == "text":
-                out += [content, ""]
-            elif kind == "table":
-                header, rows, _ = content
-                out.append("| " + " | ".join(md_cell(h) for h in header) + " |")
-                out.append("|" + "---|" * len(header))
-                out += ["| " + " | ".join(md_cell(v) for v in row) + " |" for row in rows]
-                out.append("")
-            else:
-                file_name, _, caption = content
-                out += [caption + ":", "", f"![{Path(file_name).stem}]({file_name})", ""]
-    return "\n".join(out)
-
-
-def changed_digits(revisions: list[Revision], images: np.ndarray | None, section: Section) -> None:
-    """The test digits each revision reads differently from the baseline, per model, as pictures."""
-    base = revisions[0]
+def changed_digits(revisions: list[Revision], images: np.ndarray | None, why_not: str) -> list[str | Figure]:
+    """The test digits each revision reads differently from the baseline, per model: pictures, or
+    without ``images`` their indices after ``why_not``."""
+    base, parts, listed = revisions[0], [], False
     for i, revision in enumerate(revisions[1:], start=1):
         for who, model in model_groups([base, revision]).items():
             actual, before = base.predictions[model]
@@ -511,18 +439,21 @@ def changed_digits(revisions: list[Revision], images: np.ndarray | None, section
                 heading = (f"{revision.name} vs {base.name}, {who}: {len(indices)} test digits {kind} "
                            f"(were {'wrong' if kind == 'now right' else 'right'})")
                 if not len(indices):
-                    section.text(heading + ".")
+                    parts.append(heading + ".")
                 elif images is None:
-                    section.text(heading + ": test indices " + ", ".join(map(str, indices[:MAX_DIGITS]))
+                    listed = True
+                    parts.append(heading + ": test indices " + ", ".join(map(str, indices[:MAX_DIGITS]))
                                  + (" …" if len(indices) > MAX_DIGITS else "") + ".")
                 else:
                     shown = f", the first {MAX_DIGITS}" if len(indices) > MAX_DIGITS else ""
-                    section.image(f"digits-{i}-{model}-{kind.replace(' ', '-')}.png",
-                                  digits_png(images, indices, actual, before, after),
-                                  f"{heading}{shown}; each is #index true digit: {base.name}'s → {revision.name}'s")
+                    parts.append(Figure(f"digits-{i}-{model}-{kind.replace(' ', '-')}.png",
+                                        digits_png(images, indices, actual, before, after),
+                                        f"{heading}{shown}; each is #index true digit: {base.name}'s → "
+                                        f"{revision.name}'s"))
+    return [why_not, *parts] if listed else parts
 
 
-def test_images(root: Path, revisions: list[Revision]) -> tuple[np.ndarray | None, str]:
+def workspace_test_images(root: Path, revisions: list[Revision]) -> tuple[np.ndarray | None, str]:
     """The workspace's test images when they are the split the revisions were evaluated on, else why not."""
     try:
         images, labels = load_stored_split(root / "data" / "processed", "test")
@@ -537,93 +468,73 @@ def test_images(root: Path, revisions: list[Revision]) -> tuple[np.ndarray | Non
 
 def build(root: Path, revisions: list[Revision]) -> tuple[str, list[Section]]:
     names = [r.name for r in revisions]
-    title = f"mnist-dvc: {' vs '.join(names)}"
-    sections = []
+    base = revisions[0].name
+    sections = [Section("Revisions", [f"The baseline is {base}: every difference below is a revision minus it.",
+                                      Table(["revision", "what it is"], [[Cell(r.name), Cell(r.label)]
+                                                                         for r in revisions])])]
 
-    heading = Section("Revisions")
-    heading.text(f"The baseline is {revisions[0].name}: every difference below is a revision minus it.")
-    heading.table(["revision", "what it is"], [[r.name, r.label] for r in revisions])
-    sections.append(heading)
-
-    params = Section("Params that differ")
     differ = params_that_differ(revisions)
-    if differ:
-        params.table(["param", *names], [[key, *values] for key, values in differ])
-    else:
-        params.text("None: every revision has the same params.yaml values.")
-    sections.append(params)
+    sections.append(Section("Params that differ", [
+        Table(["param", *names], [[Cell(key), *map(Cell, values)] for key, values in differ]) if differ
+        else "None: every revision has the same params.yaml values."]))
 
-    metrics = Section("Metrics")
-    metrics.text("Every number in each file; under a value, its difference from "
-                 f"{revisions[0].name}. Accuracy, loss and macro F1 are on the test set.")
-    others = list(dict.fromkeys(key.split(": ", 1)[0] for r in revisions for key in r.metrics
-                                if key.split(": ", 1)[0] not in METRIC_FILES))
+    metrics = Section("Metrics", [f"Every number in each file; under a value, its difference from {base}. "
+                                  "Accuracy, loss and macro F1 are on the test set."])
+    others = list(dict.fromkeys(path for r in revisions for path in r.metrics if path not in METRIC_FILES))
     unchanged = []
     for path in [*METRIC_FILES, *others]:
         rows = metric_rows(revisions, path)
         if path in others:  # the other metrics files dvc.yaml names: only what differs
-            rows = [row for row in rows if len(set(row[1])) > 1]
+            rows = [row for row in rows if len({cell.value for cell in row[1:]}) > 1]
             if not rows:
                 unchanged.append(path)
                 continue
         if rows:
-            metrics.text(f"{path}: {METRIC_FILES.get(path, 'the values that differ')}")
-            metrics.table(["metric", *names],
-                          [[key, *(v + (f"\n{d}" if d else "") for v, d in zip(values, diffs))]
-                           for key, values, diffs in rows],
-                          [[{}, *({"rev": r.name, "file": path, "key": key} for r in revisions)]
-                           for key, _, _ in rows])
+            metrics.parts.append(Table(["metric", *names], rows,
+                                       f"{path}: {METRIC_FILES.get(path, 'the values that differ')}"))
     if unchanged:
-        metrics.text(f"The same in every revision: {', '.join(unchanged)}.")
+        metrics.parts.append(f"The same in every revision: {', '.join(unchanged)}.")
     sections.append(metrics)
 
-    curves = Section("Curves per epoch")
-    curves.image("curves.png", curves_png(revisions),
-                 "Each revision in its own colour: the explicit loop (train) solid, skorch (fit) dashed; "
-                 "validation curves where the revision has a validation split (preprocess.val_size > 0)")
-    sections.append(curves)
+    sections.append(Section("Curves per epoch", [Figure(
+        "curves.png", curves_png(revisions),
+        "Each revision in its own colour: the explicit loop (train) solid, skorch (fit) dashed; "
+        "validation curves where the revision has a validation split (preprocess.val_size > 0)")]))
 
-    matrices = Section("Confusion matrices")
-    matrices.image("confusion.png", confusion_png(revisions), "Rows: the true digit; columns: the prediction")
-    differs = same_split(revisions)
+    matrices = Section("Confusion matrices", [Figure("confusion.png", confusion_png(revisions),
+                                                     "Rows: the true digit; columns: the prediction")])
+    differs = on_another_split(revisions)
     if differs:
-        matrices.text(f"The test split of {', '.join(differs)} differs from {revisions[0].name}'s: "
-                      "their matrices are not compared cell by cell, and no digits are compared.")
+        matrices.parts.append(f"The test split of {', '.join(differs)} differs from {base}'s: "
+                              "their matrices are not compared cell by cell, and no digits are compared.")
     comparable = [revisions[0]] + [r for r in revisions[1:] if r.name not in differs]
     if len(comparable) > 1:
-        matrices.image("confusion-changes.png", changes_png(comparable),
-                       f"Errors per cell minus {revisions[0].name}'s: red more, blue fewer")
+        matrices.parts.append(Figure("confusion-changes.png", changes_png(comparable),
+                                     f"Errors per cell minus {base}'s: red more, blue fewer"))
         for revision in comparable[1:]:
             for who, model in model_groups(comparable).items():
                 changes = biggest_changes(confusion_counts(*revisions[0].predictions[model]),
                                           confusion_counts(*revision.predictions[model]))
-                matrices.text(f"{revision.name}, {who}, the errors that changed most: "
-                              + ("; ".join(changes) or "none") + ".")
+                matrices.parts.append(f"{revision.name}, {who}, the errors that changed most: "
+                                      + ("; ".join(changes) or "none") + ".")
     sections.append(matrices)
 
     if len(comparable) > 1:
-        digits = Section("Test digits that changed")
-        images, why_not = test_images(root, comparable)
-        changed_digits(comparable, images, digits)
-        if why_not and any(kind == "text" and "test indices" in content for kind, content in digits.parts):
-            digits.parts.insert(0, ("text", why_not))
-        sections.append(digits)
-    return title, sections
+        images, why_not = workspace_test_images(root, comparable)
+        sections.append(Section("Test digits that changed", changed_digits(comparable, images, why_not)))
+    return f"mnist-dvc: {' vs '.join(names)}", sections
 
 
 def write_report(out: Path, title: str, sections: list[Section]) -> None:
     """report.html, report.md and its PNGs into ``out``, all at once (a temporary folder moved in place)."""
     with atomic_dir(out) as tmp:
-        for section in sections:
-            for kind, content in section.parts:
-                if kind == "image":
-                    file_name, png, _ = content
-                    (tmp / file_name).write_bytes(png)
-        (tmp / "report.html").write_text(to_html(title, sections), encoding="utf-8")
-        (tmp / "report.md").write_text(to_markdown(title, sections), encoding="utf-8")
+        for figure in (part for section in sections for part in section.parts if isinstance(part, Figure)):
+            (tmp / figure.file_name).write_bytes(figure.png)
+        for name in REPORT_FILES:
+            (tmp / name).write_text(render(name, title, sections), encoding="utf-8")
 
 
-def check_out(out: Path) -> None:
+def ensure_out_replaceable(out: Path) -> None:
     """``out`` is replaced whole: only a new folder or an earlier report's may be."""
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out}: exists and is not a folder")
@@ -645,8 +556,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for report.html, report.md and its PNGs (default: reports)")
     args = parser.parse_args(argv)
     names = list(dict.fromkeys(args.revisions or ["HEAD", WORKSPACE]))
+    named_revisions.cache_clear()  # a caller such as promote may run several reports in one process
     try:
-        check_out(args.out)
+        ensure_out_replaceable(args.out)
         root = project_root(Path.cwd())
         revisions = [read_revision(root, name) for name in names]
         title, sections = build(root, revisions)
