@@ -192,13 +192,15 @@ def compare(raw, train, test, model_params, train_params, epochs, device, defaul
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, default=ROOT / "data/raw")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml",
+                        help="the params file whose model and train sections to use (default: the project's)")
     parser.add_argument("--epochs", type=int, default=None, help="default: train.epochs")
     parser.add_argument("--memory", action="store_true", help="also measure each stage's peak memory")
     parser.add_argument("--device", default=None, help="cpu | cuda | auto (default: train.device)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: train.batch_size")
     args = parser.parse_args()
     os.chdir(ROOT)
-    model_params, train_params = load_section("model"), load_section("train")
+    model_params, train_params = load_section("model", args.params), load_section("train", args.params)
     device = resolve_device(args.device or train_params.device)
     epochs = args.epochs or train_params.epochs
     train, test = tensors(args.raw, "train"), tensors(args.raw, "test")

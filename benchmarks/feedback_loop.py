@@ -6,9 +6,9 @@ md5 from the options), for each ``--seeds`` value of ``train.seed``:
 1. ``dvc repro evaluate`` without feedback: both models' error rate on
    ``held-out`` pictures, and their MNIST test accuracy (metrics/evaluate.json);
 2. once: the real server, ``python -m mnist_dvc.apps.serve --collect
-   data/feedback``, receives ``--corrections`` pictures with their right digit
+   data/feedback/pictures``, receives ``--corrections`` pictures with their right digit
    (``POST /api/feedback?label=N``) from ``--clients`` concurrent clients;
-   then ``dvc add data/feedback`` and a commit, as the README says;
+   then ``dvc add data/feedback/pictures`` and a commit, as the README says;
 3. ``dvc repro evaluate`` with the corrections: the same figures again.
 
 The pictures are benchmarks/own_digits.py's styles MNIST lacks (typeset
@@ -17,7 +17,7 @@ drawn with one random seed, the held-out pictures with another, so no
 held-out picture was ever sent.
 
     .venv/bin/python benchmarks/feedback_loop.py \\
-        --mirror file:///work/shared/datasets/mnist/ --train-images-md5 4c3c20573317228d95d6b92cad3eecc8
+        --mirror file:///work/shared/datasets/mnist/
 
 About 2 minutes to draw the pictures, then ~1.5 minutes per seed and pass on 2 busy cores.
 """
@@ -103,7 +103,7 @@ def send_corrections(project: Path, corrections, clients: int) -> list[int]:
     """Start the real server with --collect, send the corrections from ``clients`` threads; the statuses."""
     server = subprocess.Popen(
         [str(project / ".venv/bin/python"), "-m", "mnist_dvc.apps.serve", "--port", "0",
-         "--collect", "data/feedback"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--collect", "data/feedback/pictures"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = None
         for line in server.stdout:
@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
 
         t = time.perf_counter()
         statuses = send_corrections(project, corrections, args.clients)
-        rows = (project / "data/feedback/labels.csv").read_text().splitlines()[1:]
+        rows = (project / "data/feedback/pictures/labels.csv").read_text().splitlines()[1:]
         print(f"sent {len(statuses)} corrections from {args.clients} clients in {time.perf_counter() - t:.1f} s: "
               f"{statuses.count(201)} new (201), {statuses.count(200)} already had (200), "
               f"{len(statuses) - statuses.count(201) - statuses.count(200)} refused; labels.csv has {len(rows)} rows",
               flush=True)
-        run("dvc", "add", "data/feedback", cwd=project)
-        run("git", "add", "data/feedback.dvc", "data/.gitignore", cwd=project)
+        run("dvc", "add", "data/feedback/pictures", cwd=project)
+        run("git", "add", "data/feedback/pictures.dvc", cwd=project)
         run("git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "commit", "-q", "-m",
             "corrections", cwd=project)
         for seed in seeds:

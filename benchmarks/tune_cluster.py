@@ -43,7 +43,8 @@ from mnist_dvc.cluster import fit_on_cluster  # noqa: E402
 from mnist_dvc.data import load_stored_split  # noqa: E402
 from mnist_dvc.model import configure_torch, resolve_device  # noqa: E402
 from mnist_dvc.params import load_section  # noqa: E402
-from stages.tune import build_search, local_workers, stratified_subset  # noqa: E402
+from mnist_dvc.tuning import stratified_subset  # noqa: E402
+from stages.tune import build_search, local_workers  # noqa: E402
 
 DASK = Path(sys.executable).parent / "dask"
 

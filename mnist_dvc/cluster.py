@@ -37,6 +37,11 @@ import logging
 import os
 import sys
 import tempfile
+import threading
+import time
+import traceback
+import uuid
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -97,6 +102,22 @@ def ship_package(client) -> None:
         client.register_plugin(UploadFile(str(path), load=True), name=PLUGIN)
 
 
+def pin_numerics(client, mode: str) -> None:
+    """On every worker, present and future, pin ``mode``'s CPU numerics before torch loads there
+    (mnist_dvc/numerics.py): a worker started elsewhere has no stage to do it. Registered after
+    ``ship_package``, so the plugin's ``setup`` can import this package. A worker that already
+    loaded torch with other settings is refused by each fit's check (``ReproducibleFit``)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class PinNumerics(WorkerPlugin):
+        def setup(self, worker):
+            from mnist_dvc import numerics
+
+            numerics.pin(mode)
+
+    client.register_plugin(PinNumerics(), name=f"{PLUGIN}-numerics")
+
+
 @contextlib.contextmanager
 def quiet_distributed():
     """Keep the log lines of distributed (and of tornado and asyncio under it) out of the
@@ -144,7 +165,7 @@ def connect(address: str):
                 f"to run tune on this machine") from None
 
 
-def _describe(exc: BaseException) -> str:
+def _cause_chain(exc: BaseException) -> str:
     """One line for ``exc``: its root cause first, then the first sentence of each wrapper."""
     chain = []
     while exc is not None and len(chain) < 4:
@@ -162,9 +183,9 @@ def cluster_failure(exc: Exception, address: str) -> str:
     finished, the connection reset while its result was being fetched.
     """
     if isinstance(exc, OSError) or getattr(exc, "reason", None) == "scheduler-connection-lost":
-        return (f"lost the connection to the Dask cluster at {address} mid-search ({_describe(exc)}); "
+        return (f"lost the connection to the Dask cluster at {address} mid-search ({_cause_chain(exc)}); "
                 f"check that its scheduler still runs, then rerun tune")
-    return (f"a grid-search task failed on the Dask cluster at {address} ({_describe(exc)}); "
+    return (f"a grid-search task failed on the Dask cluster at {address} ({_cause_chain(exc)}); "
             f"see the scheduler's and workers' logs")
 
 
@@ -199,16 +220,12 @@ class WorkersWatch:
     """
 
     def __init__(self, client, address: str, timeout: float):
-        import threading
-
         self.client, self.address, self.timeout = client, address, timeout
         self.failure: StageError | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.watch, name="tune-watch-workers", daemon=True)
 
     def watch(self) -> None:
-        import time
-
         since = None
         while not self.stop.wait(1.0):
             try:
@@ -250,8 +267,6 @@ def fit_and_score(estimator, params: dict, images, labels, train, test, scoring:
     """One of GridSearchCV's fits, as its ``_fit_and_score`` makes it: a clone of ``estimator``
     with ``params``, fitted on the ``train`` rows and scored on the ``test`` rows.
     Returns (score, fit time in seconds)."""
-    import time
-
     from sklearn.base import clone
     from sklearn.metrics import get_scorer
 
@@ -268,8 +283,6 @@ def fit_task(*args):
     A fit's own exception comes back as a result, so that what the future
     raises is only what Dask itself failed: the two are told apart.
     """
-    import traceback
-
     try:
         return fit_and_score(*args), None
     except Exception as exc:
@@ -301,13 +314,9 @@ def search_results(candidates: list[dict], scores, fit_times) -> dict:
     return results
 
 
-def fit_on_cluster(search, images, labels, address: str) -> dict:
+def fit_on_cluster(search, images, labels, address: str, cpu_numerics: str = "portable") -> dict:
     """``search.fit(images, labels).cv_results_`` (the keys ``search_results`` gives),
-    with every fit a task on the cluster at ``address``."""
-    import time
-    import uuid
-    import warnings
-
+    with every fit a task on the cluster at ``address``, computing with ``cpu_numerics``."""
     import numpy as np
 
     client = connect(address)
@@ -321,6 +330,7 @@ def fit_on_cluster(search, images, labels, address: str) -> dict:
             workers = wait_for_workers(client, address, timeout)
             print(f"tune: running the grid search on {address} ({workers} worker{'s' * (workers != 1)})")
             ship_package(client)
+            pin_numerics(client, cpu_numerics)
             candidates, folds = grid_fits(search, images, labels)
             run = uuid.uuid4().hex[:12]
             inputs = {"images": images, "labels": labels}

@@ -12,8 +12,8 @@ read them (a second and a half less start-up each), and ``np.load`` with
 images into a float32 tensor in [0, 1] once, in memory, so the training
 loops never do per-sample work.
 
-Feedback (``data/feedback/``, collected by the web app): ``labels.csv`` and
-``<sha256>.png`` 28x28 inputs, read and checked here for the feedback and
+Feedback (``data/feedback/pictures/``, collected by the web app): ``labels.csv``
+and ``<sha256>.png`` 28x28 inputs, read and checked here for the feedback and
 preprocess stages (the format is below, at ``FEEDBACK_LABELS``).
 
 torch is imported inside ``load_split`` only: the download stage imports
@@ -43,6 +43,7 @@ RAW_FILES = {
 }
 IMAGE_SIDE = 28
 N_CLASSES = 10
+DIGITS = range(N_CLASSES)  # the labels: a digit 0..9
 # IDX magic numbers: two zero bytes, 0x08 for unsigned bytes, then the number of dimensions.
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -92,8 +93,8 @@ def read_raw_pair(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise StageError(
             f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
         )
-    if labels.size and labels.max() >= N_CLASSES:
-        bad = int(np.argmax(labels >= N_CLASSES))
+    bad = label_outside(labels)
+    if bad is not None:
         raise StageError(f"{labels_path}: label {labels[bad]} at index {bad} is outside 0..9")
     return images, labels
 
@@ -175,17 +176,18 @@ def load_optional_split(processed_dir: Path | str, split: str):
     return load_split(processed_dir, split) if split_paths(processed_dir, split)[0].exists() else None
 
 
-# --- feedback: pictures people corrected in the web app (data/feedback/) -------
+# --- feedback: pictures people corrected in the web app (data/feedback/pictures/) ---
 #
+# The one description of the folder's format:
 # <sha256 of the PNG bytes>.png: 28x28 8-bit greyscale, white digit on black
 # (the model's input); labels.csv: header "file,label", one row per picture,
 # sorted by file name. Written by mnist_dvc/apps/feedback.py, versioned with
-# `dvc add data/feedback`, read by the feedback and preprocess stages.
+# `dvc add data/feedback/pictures`, read by the feedback and preprocess stages.
 
 FEEDBACK_LABELS = "labels.csv"
 FEEDBACK_HEADER = ("file", "label")
 FEEDBACK_NAME = re.compile(r"^[0-9a-f]{64}\.png$")
-PULL_FEEDBACK = "run `dvc pull data/feedback.dvc`"
+PULL_FEEDBACK = "run `dvc pull data/feedback/pictures.dvc`"
 
 
 def read_feedback_labels(folder: Path | str) -> dict[str, int]:
@@ -209,7 +211,7 @@ def read_feedback_labels(folder: Path | str) -> dict[str, int]:
         if len(row) != 2 or not FEEDBACK_NAME.match(row[0]):
             raise StageError(f"{path}, line {number}: expected '<sha256>.png,<digit>', got {','.join(row)!r}")
         name, label = row
-        if label not in {str(d) for d in range(N_CLASSES)}:
+        if label not in [str(digit) for digit in DIGITS]:
             raise StageError(f"{path}, line {number}: label {label!r} is not a digit 0..9")
         if name in labels:
             raise StageError(f"{path}, line {number}: {name} is listed twice")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_dvc import numerics
 from mnist_dvc.data import IMAGE_SIDE, N_CLASSES
 from mnist_dvc.stage import StageError
 
@@ -174,8 +175,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def configure_torch(threads: int, device: torch.device | str = "cpu") -> None:
-    """Pin the CPU thread count: with the same count, CPU results are bit-identical."""
+def configure_torch(threads: int, device: torch.device | str = "cpu", cpu_numerics: str | None = None) -> None:
+    """Pin the CPU thread count: with the same count, CPU results are bit-identical.
+
+    ``cpu_numerics`` (params.yaml ``numerics.cpu``): a StageError unless this
+    process loaded torch with that mode's kernels (mnist_dvc/numerics.py).
+    """
+    if cpu_numerics is not None:
+        try:
+            numerics.check(cpu_numerics)
+        except RuntimeError as exc:
+            raise StageError(str(exc)) from None
     torch.set_num_threads(threads)
     # As training converges, some gradients and Adam moments become denormal
     # floats, which x86 CPUs process many times slower: without this, epochs

@@ -67,7 +67,7 @@ class DownloadParams(Section):
 
 
 class FeedbackParams(Section):
-    # How the corrected pictures in data/feedback join the data (stages/preprocess.py).
+    # How the corrected pictures in data/feedback/pictures join the data (stages/preprocess.py).
     repeat: int = Field(ge=1, le=1000)  # copies of each training picture in the feedback_train split
     holdout: float = Field(ge=0, lt=1)  # the fraction, chosen by content hash, kept as the feedback test split
 
@@ -86,6 +86,11 @@ class PreprocessParams(Section):
         if isinstance(v, int) and v >= MNIST_TRAIN_SIZE:
             raise ValueError(f"a count must be below {MNIST_TRAIN_SIZE}")
         return v
+
+
+class NumericsParams(Section):
+    # mnist_dvc/numerics.py: "portable" pins kernels that give the same bits on every x86-64 CPU.
+    cpu: Literal["portable", "native"]
 
 
 class ModelParams(Section):
@@ -157,14 +162,22 @@ class TuneParams(Section):
     grid: TuneGrid
 
 
+class PromoteParams(Section):
+    # The promotion gate (mnist_dvc/apps/promote.py, docs/registry.md): how far each model's MNIST
+    # test accuracy may fall from the version in the stage. 0.003 is the seed-to-seed spread.
+    max_drop: float = Field(ge=0, le=1)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "download": DownloadParams,
     "preprocess": PreprocessParams,
+    "numerics": NumericsParams,
     "model": ModelParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
     "plot": PlotParams,
     "tune": TuneParams,
+    "promote": PromoteParams,
 }
 
 
@@ -185,7 +198,7 @@ def _key_and_parent(section: str, loc: tuple, model: type[Section]) -> tuple[str
     return key, parent
 
 
-def _describe(section: str, error: dict, model: type[Section]) -> str:
+def _error_line(section: str, error: dict, model: type[Section]) -> str:
     """One readable line for one pydantic error: full key, bad value, what is allowed."""
     if error["type"] == "extra_forbidden":
         key, parent = _key_and_parent(section, error["loc"][:-1], model)
@@ -222,5 +235,5 @@ def load_section(section: str, path: Path | str = PARAMS_FILE) -> Section:
     try:
         return model.model_validate(document[section])
     except ValidationError as exc:
-        lines = dict.fromkeys(_describe(section, err, model) for err in exc.errors())
+        lines = dict.fromkeys(_error_line(section, err, model) for err in exc.errors())
         raise StageError(f"{path}: " + "; ".join(lines)) from None

@@ -1,4 +1,4 @@
-"""What the tune stage's grid search sends to the processes that run its fits.
+"""The tune stage's subset, and what its grid search sends to the processes that run its fits.
 
 GridSearchCV pickles the Pipeline (this module's ``scale_and_flatten``, the
 skorch net with this module's ``ReproducibleFit``) to each process that runs a
@@ -11,6 +11,7 @@ comes from ``stages/``.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.model_selection import train_test_split
 from skorch.callbacks import Callback
 
 from mnist_dvc.model import configure_torch
@@ -21,19 +22,29 @@ def scale_and_flatten(images: np.ndarray) -> np.ndarray:
     return np.divide(images.reshape(len(images), -1), 255, dtype=np.float32)
 
 
+def stratified_subset(images, labels, size: int, seed: int):
+    """A seeded, class-stratified subset of ``size`` images; all of them if there are not more."""
+    if size >= len(labels):
+        print(f"tune.subset_size = {size} >= {len(labels)} training images: using all of them")
+        return images, labels
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
+    return images[keep], labels[keep]
+
+
 class ReproducibleFit(Callback):
     """Before each fit, in whichever process runs it, pin torch's threads and
-    denormal handling (``configure_torch``), so that a fit's result depends
+    denormal handling and check its CPU numerics (``configure_torch``, with
+    ``cpu_numerics``: params.yaml ``numerics.cpu``), so that a fit's result depends
     neither on where it runs (one process, local workers, a Dask cluster) nor
     on the order of the fits. Every draw of a fit comes from the net's own
     seeded generators (init, batch order, dropout); torch's global RNG is
     seeded too, as a guard for any draw that would not."""
 
-    def __init__(self, threads: int = 1, seed: int = 0):
-        self.threads, self.seed = threads, seed
+    def __init__(self, threads: int = 1, seed: int = 0, cpu_numerics: str | None = None):
+        self.threads, self.seed, self.cpu_numerics = threads, seed, cpu_numerics
 
     def on_train_begin(self, net, **kwargs):
         import torch
 
-        configure_torch(self.threads, net.device)
+        configure_torch(self.threads, net.device, self.cpu_numerics)
         torch.manual_seed(self.seed)

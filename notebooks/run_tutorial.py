@@ -31,8 +31,8 @@ PROMISED = {
     "skorch_crossentropy_test_accuracy": lambda v: v >= 0.97,
     "train_stage_matches_metrics": lambda v: v is True,
 }
-# How far an accuracy may move when the committed outputs come from another kind of CPU:
-# the train stage's 0.9755 of the committed metrics/evaluate.json is 0.9748 on an AVX2-only CPU.
+# How far an accuracy may move when the committed outputs come from a CPU whose torch has other
+# kernels (below AVX2, or another architecture): the pinned numerics make every x86-64 CPU with AVX2 equal.
 CROSS_CPU_TOLERANCE = 0.003
 
 
@@ -93,9 +93,10 @@ def key_figures(notebook) -> dict:
 def compare(committed: dict, fresh: dict) -> list[str]:
     """One line per key figure of the fresh run that differs from the committed one, or breaks a promise.
 
-    Same kind of CPU (``cpu_capability``): every figure must be equal. On
-    another (AVX2 against AVX-512), torch's kernels round sums differently and
-    accuracies may move in the last digits: those may differ by ``CROSS_CPU_TOLERANCE``.
+    Same torch kernels (``cpu_capability``, AVX2 on every x86-64 CPU under the
+    pinned numerics): every figure must be equal. With others (a CPU below AVX2,
+    another architecture), sums round differently and accuracies may move in
+    the last digits: those may differ by ``CROSS_CPU_TOLERANCE``.
     """
     same_cpu = committed.get("cpu_capability") == fresh.get("cpu_capability")
     problems = []

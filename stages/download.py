@@ -3,6 +3,10 @@
 In:  params.yaml ``download`` (mirrors, md5, retries, timeout, backoff).
 Out: data/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
 
+dvc.yaml lists only ``download.md5`` as this stage's params: the md5s decide
+the files, wherever they come from, so a mirror of one's own reruns nothing
+and no path of this machine is recorded in dvc.lock.
+
 Each file is tried on every mirror in order, ``retries`` times per mirror with
 exponential backoff. A failure that cannot change on a retry is not retried:
 an HTTP 4xx answer (the file is not there, or not for us), and anything from a
@@ -64,7 +68,7 @@ def fetch(url: str, dest: Path, expected_md5: str, timeout: float) -> None:
         raise Md5Mismatch(f"md5 mismatch: expected {expected_md5}, got {digest.hexdigest()}")
 
 
-def describe(exc: Exception) -> str:
+def failure_reason(exc: Exception) -> str:
     """A short reason for a failed attempt."""
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
@@ -95,7 +99,7 @@ def download_file(name: str, expected_md5: str, out_dir: Path, params) -> None:
                     fetch(url, tmp, expected_md5, params.timeout)
                 return
             except (OSError, http.client.HTTPException, Md5Mismatch, ValueError) as exc:
-                line = f"  {url} (attempt {attempt + 1}/{params.retries}): {describe(exc)}"
+                line = f"  {url} (attempt {attempt + 1}/{params.retries}): {failure_reason(exc)}"
                 if is_permanent(url, exc):
                     failures.append(line + " (not retried: a retry would give the same)")
                     break

@@ -24,7 +24,7 @@ from pathlib import Path
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from mnist_dvc.data import load_optional_split, load_split
-from mnist_dvc.model import TRAINED_BY, load_trained, loss_and_accuracy, predict_logits
+from mnist_dvc.model import TRAINED_BY, configure_torch, load_trained, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import run_stage, write_csv, write_json
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predictions", type=Path, default=Path("metrics/predictions"))
     args = parser.parse_args(argv)
     model_params, params = load_section("model"), load_section("evaluate")
+    configure_torch(1, "cpu", load_section("numerics").cpu)  # the test loss is a float sum: one thread, pinned kernels
     # Both loaded, or refused, before anything is written.
     models = {name: load_trained(name, model_params, getattr(args, name)) for name in TRAINED_BY}
     images, labels = load_split(args.data, "test")

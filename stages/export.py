@@ -2,7 +2,8 @@
 
 In:  models/mlp.pt; models/skorch_params.pt; data/processed/test_*.npy; params.yaml ``model``.
 Out: models/mlp.onnx, models/skorch.onnx   one self-contained file each (no .onnx.data beside it)
-     metrics/export.json   per model: max_abs_diff, argmax_agreement, onnx_bytes, ms_per_1000_images
+     metrics/export.json   per model: onnx_bytes, and the parity it passed: test_images,
+                           max_abs_diff_allowed, argmax_agreement
 
 The contract of both files (also in the README and in dvc.yaml's artifacts):
 one input ``images``, float32, shape (N, 28, 28), values in [0, 1], a white
@@ -12,8 +13,9 @@ Each model is exported with ``torch.onnx.export(..., dynamo=True)``, then run
 by ONNX Runtime on all 10,000 test images and compared with PyTorch. Unless
 the largest absolute logit difference is at most ``MAX_ABS_DIFF`` and the
 argmax agrees on every image, the stage fails and keeps no ONNX file.
-``ms_per_1000_images`` is a timing: the one value in this stage's outputs
-that differs between two identical runs.
+export.json records the check that passed, not the measured difference or
+ONNX Runtime's speed (both printed): ONNX Runtime picks its kernels by CPU
+and a timing by machine load, and dvc.lock hashes the file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from mnist_dvc.data import IMAGE_SIDE, load_split
 from mnist_dvc.onnx_runtime import check_contract, onnx_session
-from mnist_dvc.model import TRAINED_BY, load_trained, predict_logits
+from mnist_dvc.model import TRAINED_BY, configure_torch, load_trained, predict_logits
 from mnist_dvc.params import load_section
 from mnist_dvc.stage import StageError, atomic_file, run_stage, write_json
 
@@ -78,8 +80,10 @@ def check(name: str, data: bytes, model: torch.nn.Module, images: torch.Tensor) 
         raise StageError(f"{name}: ONNX Runtime and PyTorch disagree on the {len(array)} test images "
                          f"(max abs logit difference {max_abs_diff:.3g}, allowed {MAX_ABS_DIFF:g}; "
                          f"argmax agreement {agreement:.4f}, required 1): no ONNX file was written")
-    return {"max_abs_diff": max_abs_diff, "argmax_agreement": agreement, "onnx_bytes": len(data),
-            "ms_per_1000_images": round(1000 * float(np.median(seconds)) * 1000 / TIMING_BATCH, 3)}
+    print(f"{name}: max abs logit difference {max_abs_diff:.2g}, "
+          f"{1000 * float(np.median(seconds)) * 1000 / TIMING_BATCH:.2f} ms per 1,000 images in ONNX Runtime")
+    return {"onnx_bytes": len(data), "test_images": len(array), "max_abs_diff_allowed": MAX_ABS_DIFF,
+            "argmax_agreement": agreement}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/export.json"))
     args = parser.parse_args(argv)
     model_params = load_section("model")
-    torch.set_num_threads(1)
+    configure_torch(1, "cpu", load_section("numerics").cpu)
     # Both loaded, or refused, before the first (slow) export.
     models = {name: load_trained(name, model_params, getattr(args, name)) for name in TRAINED_BY}
     targets = {"manual": args.manual_onnx, "skorch": args.skorch_onnx}
@@ -102,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         target = targets[name]
         exports[target] = to_onnx(model)
         metrics[name] = check(name, exports[target], model, images)
-        print(f"{name}: {target} ({len(exports[target]):,} bytes), max abs diff {metrics[name]['max_abs_diff']:.2g}, "
-              f"argmax agreement {metrics[name]['argmax_agreement']:.4f}, "
-              f"{metrics[name]['ms_per_1000_images']:.2f} ms per 1,000 images")
+        print(f"{name}: {target} ({len(exports[target]):,} bytes) agrees with PyTorch on {len(images):,} test images")
     # Both checked: only now is anything written.
     for target, data in exports.items():
         with atomic_file(target) as f:

@@ -1,98 +1,81 @@
-"""feedback: check that the collected corrections are here, and record what they hold.
+"""feedback: check the corrections collected in the web app, and count them.
 
-In:  data/feedback/ (labels.csv and <sha256>.png, written by
-     `python -m mnist_dvc.apps.serve --collect data/feedback`), maybe absent;
-     data/feedback.dvc once the collection is versioned (`dvc add data/feedback`).
-Out: metrics/feedback.json   {"pictures": N, "per_class": {"0": n, ...}, "labels_sha256": ...}
-     /feedback in data/.gitignore, where it is missing: the pictures are
-     versioned by DVC, never committed to git by a `git add -A`.
+In:  data/feedback/ (in git: its .gitignore, and pictures.dvc once the
+     collection is versioned), data/feedback/pictures/ (labels.csv and
+     <sha256>.png, written by `serve --collect data/feedback/pictures`),
+     maybe absent; params.yaml ``preprocess.feedback.holdout``.
+Out: metrics/feedback.json   {"pictures": N, "held_out": K}
 
-preprocess reads data/feedback but depends on this record instead: a DVC
-dependency must exist, and the folder does not in a fresh clone. The record
-is in git and names the collection by the sha256 of its sorted labels.csv;
-every picture is named by the sha256 of its bytes, so the same record means
-the same pictures and labels, and preprocess reruns exactly when they change.
-This stage is ``always_changed`` in dvc.yaml, so every `dvc repro` refreshes
-the record. Where data/feedback.dvc is committed but its data was not pulled,
-it stops with one line instead: training would otherwise go on without the
-corrections.
+DVC reruns this stage, and preprocess, exactly when data/feedback changes:
+the folder is in git, so it exists in every clone, and holds the pictures
+(or nothing yet). With none collected, `dvc status` is clean after a
+repro, and a no-op repro starts no process. Where pictures.dvc is committed
+but its data was not pulled, the stage stops with one line instead:
+training would otherwise go on without the corrections.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
-from mnist_dvc.data import FEEDBACK_LABELS, N_CLASSES, format_feedback_labels, missing_feedback, read_feedback_labels
-from mnist_dvc.stage import StageError, atomic_path, run_stage, write_json
-
-
-def dvc_file_of(folder: Path) -> Path:
-    """``data/feedback`` -> ``data/feedback.dvc``, the file `dvc add` writes."""
-    return folder.with_name(folder.name + ".dvc")
+from mnist_dvc.data import FEEDBACK_LABELS, feedback_held_out, missing_feedback, read_feedback_labels
+from mnist_dvc.params import load_section
+from mnist_dvc.stage import StageError, run_stage, write_json
 
 
 def files_recorded(dvc_file: Path) -> int:
-    """The number of files data/feedback.dvc records (``nfiles``); 0 if it does not say."""
+    """The number of files a `dvc add` file records (``nfiles``); 0 if it does not say."""
     from ruamel.yaml import YAML, YAMLError
 
     try:
-        document = YAML(typ="safe", pure=True).load(dvc_file.read_text(encoding="utf-8"))
-        return int(document["outs"][0].get("nfiles", 0))
+        return int(YAML(typ="safe", pure=True).load(dvc_file.read_text(encoding="utf-8"))["outs"][0].get("nfiles", 0))
     except (OSError, UnicodeDecodeError, YAMLError, KeyError, IndexError, TypeError, AttributeError,
             ValueError) as exc:
         raise StageError(f"{dvc_file} is not a `dvc add` file ({exc}); restore it with git") from None
 
 
-def files_in(folder: Path) -> int:
-    """Regular files under ``folder``, at any depth."""
-    return sum(1 for path in folder.rglob("*") if path.is_file())
+def check_pulled(folder: Path, labels: dict[str, int]) -> None:
+    """StageError where ``folder``'s .dvc file is committed but its files are not all here.
 
-
-def check_pulled(folder: Path, dvc_file: Path, labels: dict[str, int]) -> None:
-    """StageError unless ``folder`` holds at least what ``dvc_file`` records, with every listed picture."""
-    absent = (not folder.is_dir() or not (folder / FEEDBACK_LABELS).is_file()
-              or missing_feedback(folder, labels) or files_in(folder) < files_recorded(dvc_file))
-    if absent:
-        raise StageError(f"{dvc_file} is committed but its data is not here: run `dvc pull {dvc_file}`")
-
-
-def ignore_in_git(folder: Path) -> None:
-    """Add ``/<folder name>`` to the .gitignore beside ``folder`` where it is missing, as `dvc add` would."""
-    gitignore, entry = folder.parent / ".gitignore", f"/{folder.name}"
-    text = gitignore.read_text(encoding="utf-8") if gitignore.exists() else ""
-    if entry not in text.splitlines():
-        with atomic_path(gitignore) as tmp:
-            tmp.write_text(text + ("\n" if text and not text.endswith("\n") else "") + entry + "\n", encoding="utf-8")
+    By then `dvc repro` has recorded the folder as it found it in the .dvc file
+    ("Verifying data sources"), so the way back is git's copy, then the pull.
+    """
+    dvc_file = folder.with_name(folder.name + ".dvc")
+    if not dvc_file.exists():
+        return
+    present = sum(1 for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
+    if (not (folder / FEEDBACK_LABELS).is_file() or missing_feedback(folder, labels)
+            or present < files_recorded(dvc_file)):
+        raise StageError(f"{dvc_file} is committed but its data is not here: run "
+                         f"`git checkout {dvc_file} && dvc pull {dvc_file}`")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=Path("data/feedback"))
+    parser.add_argument("--folder", type=Path, default=Path("data/feedback/pictures"))
     parser.add_argument("--record", type=Path, default=Path("metrics/feedback.json"))
     args = parser.parse_args(argv)
-    folder, dvc_file = args.folder, dvc_file_of(args.folder)
+    holdout = load_section("preprocess").feedback.holdout
+    folder = args.folder
 
     if folder.exists() and not folder.is_dir():
         raise StageError(f"{folder} is a file, not a folder of collected pictures: move it away")
     labels = read_feedback_labels(folder)
-    if dvc_file.exists():
-        check_pulled(folder, dvc_file, labels)
-    else:
-        missing = missing_feedback(folder, labels)
-        if missing:
-            raise StageError(f"{folder / FEEDBACK_LABELS} lists {len(missing)} pictures that are not in {folder} "
-                             f"(the first: {missing[0]}): remove their lines or restore the files")
-        if folder.exists():
-            ignore_in_git(folder)
-    per_class = [0] * N_CLASSES
-    for label in labels.values():
-        per_class[label] += 1
-    digest = hashlib.sha256(format_feedback_labels(labels).encode()).hexdigest()
-    write_json(args.record, {"pictures": len(labels), "per_class": {str(c): n for c, n in enumerate(per_class)},
-                             "labels_sha256": digest})
-    print(f"{folder}: {len(labels)} corrected pictures")
+    check_pulled(folder, labels)
+    missing = missing_feedback(folder, labels)
+    if missing:
+        raise StageError(f"{folder / FEEDBACK_LABELS} lists {len(missing)} pictures that are not in {folder} "
+                         f"(the first: {missing[0]}): remove their lines or restore the files")
+    held_out = sum(feedback_held_out(name, holdout) for name in labels)
+    write_json(args.record, {"pictures": len(labels), "held_out": held_out})
+    line = f"{folder}: {len(labels)} corrected pictures, {held_out} held out as the feedback test split"
+    if labels and not held_out:
+        line += (f" (a picture is held out where its content hash falls in the first {holdout:.0%}: "
+                 f"feedback_accuracy appears once one does, usually within the first {round(3 / holdout)})")
+    print(line)
+    if labels and not folder.with_name(folder.name + ".dvc").exists():
+        print(f"{folder} is not versioned yet: `dvc add {folder}` (docs/feedback.md)")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", type=Path, default=Path("metrics/fit"))
     args = parser.parse_args(argv)
     model_params, train_params = load_section("model"), load_section("train")
-    configure_torch(train_params.threads, resolve_device(train_params.device))
+    configure_torch(train_params.threads, resolve_device(train_params.device), load_section("numerics").cpu)
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
     feedback_split = load_optional_split(args.data, "feedback_train")
     with atomic_dir(args.live) as live_dir:  # the last good metrics stay until the model is saved

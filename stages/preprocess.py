@@ -75,7 +75,7 @@ def split_summary(labels: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, default=Path("data/raw"))
-    parser.add_argument("--feedback", type=Path, default=Path("data/feedback"))
+    parser.add_argument("--feedback", type=Path, default=Path("data/feedback/pictures"))
     parser.add_argument("--out", type=Path, default=Path("data/processed"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/data.json"))
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
@@ -42,23 +42,14 @@ from mnist_dvc.model import configure_torch, resolve_device
 from mnist_dvc.params import load_section
 from mnist_dvc.skorch_net import build_net
 from mnist_dvc.stage import run_stage, write_csv, write_json
-from mnist_dvc.tuning import ReproducibleFit, scale_and_flatten
+from mnist_dvc.tuning import ReproducibleFit, scale_and_flatten, stratified_subset
 
 # params.yaml's tune.grid keys -> the Pipeline's parameter names.
 GRID_KEYS = {"lr": "net__lr", "hidden": "net__module__hidden", "max_epochs": "net__max_epochs"}
 
 
-def stratified_subset(images, labels, size: int, seed: int):
-    """A seeded, class-stratified subset of ``size`` images; all of them if there are not more."""
-    if size >= len(labels):
-        print(f"tune.subset_size = {size} >= {len(labels)} training images: using all of them")
-        return images, labels
-    keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
-    return images[keep], labels[keep]
-
-
-def build_search(model_params, train_params, tune_params) -> GridSearchCV:
-    """The Pipeline and the GridSearchCV over ``tune.grid``, unfitted."""
+def build_search(model_params, train_params, tune_params, cpu_numerics: str | None = None) -> GridSearchCV:
+    """The Pipeline and the GridSearchCV over ``tune.grid``, unfitted; each fit checks ``cpu_numerics``."""
     # Every fit uses train.threads threads, wherever it runs: CPU results are
     # bit-identical for the same thread count, so n_jobs and the cluster never
     # change them. (n_jobs x train.threads should not exceed the cores.)
@@ -70,7 +61,7 @@ def build_search(model_params, train_params, tune_params) -> GridSearchCV:
     net = build_net(
         model_params, plain, seed=tune_params.seed, device=str(resolve_device(train_params.device)),
         batch_size=tune_params.batch_size, verbose=0,  # train_split stays None: the folds validate
-        callbacks=[ReproducibleFit(train_params.threads, tune_params.seed)],
+        callbacks=[ReproducibleFit(train_params.threads, tune_params.seed, cpu_numerics)],
     )
     pipeline = Pipeline([("scale", FunctionTransformer(scale_and_flatten)), ("net", net)])
     grid = {GRID_KEYS[key]: values for key, values in tune_params.grid.model_dump().items()}
@@ -152,14 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model_params, train_params, tune_params = load_section("model"), load_section("train"), load_section("tune")
     device = resolve_device(train_params.device)
-    configure_torch(train_params.threads, device)
+    cpu_numerics = load_section("numerics").cpu
+    configure_torch(train_params.threads, device, cpu_numerics)
     # The images as stored (uint8): scaling them is the Pipeline's own first step.
     images, labels = load_stored_split(args.data, "train")
     images, labels = stratified_subset(images, labels, tune_params.subset_size, tune_params.seed)
-    search = build_search(model_params, train_params, tune_params)
+    search = build_search(model_params, train_params, tune_params, cpu_numerics)
     address = scheduler_address(args.scheduler)
     if address:  # Dask is imported on this path only
-        results = fit_on_cluster(search, images, labels, address)
+        results = fit_on_cluster(search, images, labels, address, cpu_numerics)
     else:
         with local_workers(device):
             results = search.fit(images, labels).cv_results_

@@ -5,13 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers import REPO
+from helpers import REPO, committed_params_file
 
 
 def test_epoch_speed_benchmark_times_all_four_ways_on_the_fixture_data(mirror):
     folder, _ = mirror
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/epoch_speed.py"), "--raw", str(folder), "--epochs", "1"],
+        [sys.executable, str(REPO / "benchmarks/epoch_speed.py"), "--raw", str(folder), "--epochs", "1",
+         "--params", str(committed_params_file())],  # not the workspace's: it may hold an experiment
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -52,10 +52,12 @@ def transitive_files(entry: Path) -> set[Path]:
 
 
 def stage_files(name: str) -> set[str]:
-    """The stage's script (the module its cmd runs) and everything it imports, relative to the repo."""
+    """The stage's script (the module its cmd runs), the stages package it runs through first
+    (which pins the numerics), and everything they import, relative to the repo."""
     cmd = STAGES[name]["cmd"]
     assert f"python -m stages.{name}" in cmd, f"{name}: cmd runs {cmd!r}, not python -m stages.{name}"
-    return {str(p.relative_to(REPO)) for p in transitive_files(REPO / "stages" / f"{name}.py")}
+    entries = [REPO / "stages" / "__init__.py", REPO / "stages" / f"{name}.py"]
+    return {str(p.relative_to(REPO)) for entry in entries for p in transitive_files(entry)}
 
 
 def sections_loaded(files: set[str]) -> set[str]:

@@ -16,7 +16,9 @@ from helpers import dvc, ran_stages, sh
 from mnist_dvc.apps.feedback import FeedbackStore
 
 pytestmark = pytest.mark.e2e
-NOT_PULLED = "error: data/feedback.dvc is committed but its data is not here: run `dvc pull data/feedback.dvc`"
+PICTURES = "data/feedback/pictures"
+NOT_PULLED = (f"error: {PICTURES}.dvc is committed but its data is not here: run "
+              f"`git checkout {PICTURES}.dvc && dvc pull {PICTURES}.dvc`")
 
 
 def collect_fixture_corrections(repo, count: int = 60) -> None:
@@ -24,22 +26,22 @@ def collect_fixture_corrections(repo, count: int = 60) -> None:
     from mnist_dvc.data import load_stored_split
 
     images, labels = load_stored_split(repo / "data/processed", "test")
-    store = FeedbackStore(repo / "data/feedback")
+    store = FeedbackStore(repo / PICTURES)
     for image, label in zip(images[:count], labels[:count]):
         store.add(np.roll(image, 2, axis=1).astype(np.float32) / 255, int(label))
 
 
 def test_dvc_add_then_repro_trains_on_the_corrections_and_reports_their_accuracy(copy_project):
     repo = copy_project()
-    assert not (repo / "data/feedback").exists()  # nothing collected: no folder, nothing to create
+    assert not (repo / PICTURES).exists()  # nothing collected
     collect_fixture_corrections(repo)
     # The README's commands.
-    dvc("add", "data/feedback", cwd=repo)
-    sh("git", "add", "data/feedback.dvc", "data/.gitignore", cwd=repo)
+    dvc("add", PICTURES, cwd=repo)
+    sh("git", "add", f"{PICTURES}.dvc", cwd=repo)
     sh("git", "commit", "-q", "-m", "corrections", cwd=repo)
     result = dvc("repro", cwd=repo)
     # tune reads only the training split, which corrections never change: it does not rerun.
-    assert ran_stages(result.stdout) == {"preprocess", "train", "fit", "evaluate", "export", "plot"}
+    assert ran_stages(result.stdout) == {"feedback", "preprocess", "train", "fit", "evaluate", "export", "plot"}
 
     data = json.loads((repo / "metrics/data.json").read_text())
     assert data["feedback"]["count"] + data["feedback_train"]["count"] == 60
@@ -55,18 +57,21 @@ def test_dvc_add_then_repro_trains_on_the_corrections_and_reports_their_accuracy
     assert "feedback_accuracy" in json.dumps(shown) and '"pictures": 60' in json.dumps(shown)
     assert ran_stages(dvc("repro", cwd=repo).stdout) == set()
 
-    # A clone that has data/feedback.dvc but did not pull the data: stopped, not trained without it.
+    # A clone that has the .dvc file but did not pull the data: stopped (by DVC itself), not trained without it.
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-q", "-m", "results with corrections", cwd=repo)
-    shutil.rmtree(repo / "data/feedback")
+    shutil.rmtree(repo / PICTURES)
     missing = dvc("repro", cwd=repo, check=False)
-    assert missing.returncode != 0 and NOT_PULLED in missing.stderr, missing.stdout + missing.stderr
-    assert sh("git", "status", "--porcelain", cwd=repo).stdout == ""  # data/feedback.dvc untouched
+    assert missing.returncode != 0 and f"missing data 'source': {PICTURES}" in missing.stderr, missing.stderr
+    assert sh("git", "status", "--porcelain", cwd=repo).stdout == ""  # the .dvc file untouched
 
-    # Half pulled (a picture missing): the same.
-    dvc("checkout", "data/feedback.dvc", cwd=repo)
-    next((repo / "data/feedback").glob("*.png")).unlink()
+    # Half pulled (a picture missing): the feedback stage stops, with what to do.
+    dvc("checkout", f"{PICTURES}.dvc", cwd=repo)
+    next((repo / PICTURES).glob("*.png")).unlink()
     partial = dvc("repro", cwd=repo, check=False)
     assert partial.returncode != 0 and NOT_PULLED in partial.stderr, partial.stdout + partial.stderr
-    dvc("checkout", "data/feedback.dvc", cwd=repo)
+    assert (repo / "metrics/feedback.json").exists()  # the last good record kept
+    sh("git", "checkout", f"{PICTURES}.dvc", cwd=repo)  # what the message says (dvc checkout: the cache has it)
+    dvc("checkout", f"{PICTURES}.dvc", cwd=repo)
     assert ran_stages(dvc("repro", cwd=repo).stdout) == set()
+    assert sh("git", "status", "--porcelain", cwd=repo).stdout == ""
