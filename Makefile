@@ -2,10 +2,13 @@
 #   make repro   create .venv if missing, install the project, run `dvc repro`
 #   make test    the same set-up plus the test extras, then pytest
 #   make setup   only the set-up (e.g. before `dvc pull`)
+#   make check   after make repro: did it rebuild exactly the committed results? (docs/reproducibility.md)
 #   make predict IMAGES="a.png b.jpg"   classify your own pictures with both models
 #   make serve   the web app over the trained models: http://127.0.0.1:8000
 #   make best    the best recipe (>= 0.99 test accuracy) as the named experiment "best"
 #   make report REVS="HEAD exp-a"   compare revisions on one page: reports/report.html (and .md)
+#   make promote REV=HEAD   register REV as a model version; gate it; move the prod stage to it
+#   make rollback           move the prod stage back to the version it held before
 #   make notebook  run the tutorial notebook on data/processed and save it with its outputs
 VENV ?= .venv
 PYTHON ?= python3
@@ -13,7 +16,7 @@ BIN := $(VENV)/bin
 # Make the venv's python the `python` that dvc.yaml's commands run.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro predict serve best notebook report test bench bench-pipeline bench-serve bench-cluster clean-venv
+.PHONY: setup repro predict serve best notebook report promote rollback check test bench bench-pipeline bench-serve bench-cluster clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +34,10 @@ setup: $(VENV)/.installed
 repro: $(VENV)/.installed
 	$(BIN)/dvc repro
 
+# Stage by stage: the rebuilt outputs against the committed dvc.lock, and why any differ.
+check: $(VENV)/.installed
+	$(BIN)/python -m mnist_dvc.apps.check
+
 predict: $(VENV)/.installed
 	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="a.png b.jpg"'; exit 2; }
 	$(BIN)/python -m mnist_dvc.apps.predict $(IMAGES)
@@ -47,8 +54,18 @@ best: $(VENV)/.installed
 report: $(VENV)/.installed
 	$(BIN)/python -m mnist_dvc.apps.report $(REVS) $(if $(OUT),--out $(OUT))
 
+# The model registry (docs/registry.md): REV (commit, branch, tag, experiment) checked against the
+# version in STAGE, then assigned; PROMOTE_ARGS="--force --message 'why'" overrides the gate.
+STAGE ?= prod
+promote: $(VENV)/.installed
+	@test -n "$(REV)" || { echo 'usage: make promote REV=<commit, branch, tag or experiment>'; exit 2; }
+	$(BIN)/python -m mnist_dvc.apps.promote $(REV) --stage $(STAGE) $(PROMOTE_ARGS)
+
+rollback: $(VENV)/.installed
+	$(BIN)/python -m mnist_dvc.apps.promote --rollback --stage $(STAGE) $(PROMOTE_ARGS)
+
 # Draw a digit in the browser; SERVE_ARGS="--onnx --port 8080" passes options,
-# SERVE_ARGS="--collect data/feedback" saves corrections (docs/feedback.md).
+# SERVE_ARGS="--collect data/feedback/pictures" saves corrections (docs/feedback.md).
 serve: $(VENV)/.installed
 	$(BIN)/python -m mnist_dvc.apps.serve $(SERVE_ARGS)
 
@@ -60,10 +77,10 @@ $(VENV)/.installed-notebook: pyproject.toml $(VENV)/.installed
 notebook: $(VENV)/.installed-notebook
 	$(BIN)/python notebooks/run_tutorial.py
 
-# -n auto: one pytest-xdist worker per CPU core; --maxschedchunk 1: each takes the next test
-# when it is free, in the order tests/conftest.py sets (the long end-to-end tests first).
+# -n auto: one pytest-xdist worker per CPU core; --dist loadgroup: a free worker takes the next tests
+# in file order, the tests of one xdist_group (tests/conftest.py) all together, where the first one is.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n auto --maxschedchunk 1
+	$(BIN)/python -m pytest -n auto --dist loadgroup --no-loadscope-reorder
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/epoch_speed.py --memory

@@ -1,6 +1,6 @@
 """The feedback store: pictures people corrected in the web app, as a dataset DVC can version.
 
-    python -m mnist_dvc.apps.serve --collect data/feedback [--collect-limit 10000]
+    python -m mnist_dvc.apps.serve --collect data/feedback/pictures [--collect-limit 10000]
 
 The folder's format (read by the feedback and preprocess stages,
 ``mnist_dvc/data.py``):
@@ -13,27 +13,26 @@ The folder's format (read by the feedback and preprocess stages,
 File names come only from the content hash, never from the request. Each
 write goes to a temporary file renamed into place (the PNG first, then
 labels.csv), and every change to labels.csv is a read-modify-write under a
-lock: a thread lock within the server, and an ``flock`` on the folder
-between processes (two servers on one folder). A reader never sees a
-half-written file, and concurrent corrections never lose a row. At most
+``filelock.FileLock``, which holds between threads and between processes
+(two servers on one folder), on every OS. Its lock file lies in the system's
+temporary folder, not in the collection that DVC versions. A reader never
+sees a half-written file, and concurrent corrections never lose a row. At most
 ``limit`` pictures are kept; a new one beyond that is refused (``StoreFull``),
 a relabel is still taken.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import threading
-from collections.abc import Iterator
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from mnist_dvc.apps.images import to_png
-from mnist_dvc.data import FEEDBACK_LABELS, N_CLASSES, format_feedback_labels, read_feedback_labels
+from mnist_dvc.data import DIGITS, FEEDBACK_LABELS, format_feedback_labels, read_feedback_labels
 from mnist_dvc.stage import StageError, atomic_path
 
 DEFAULT_LIMIT = 10_000
@@ -50,7 +49,7 @@ class Stored:
     file: str
     label: int
     created: bool
-    stored: int
+    total: int
 
 
 class FeedbackStore:
@@ -60,7 +59,9 @@ class FeedbackStore:
         if limit < 1:
             raise ValueError(f"the limit must be at least 1, got {limit}")
         self.folder, self.limit = Path(folder), limit
-        self._lock = threading.Lock()
+        # One lock per collection folder on this machine, named by its absolute path.
+        key = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:16]
+        self._lock = FileLock(Path(tempfile.gettempdir()) / f"mnist-dvc-feedback-{key}.lock")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -68,23 +69,23 @@ class FeedbackStore:
                              f"{exc.strerror or exc}") from None
         if not self.folder.is_dir():
             raise StageError(f"{self.folder} is not a folder")
-        with self._locked():
+        with self._lock:
             labels = read_feedback_labels(self.folder)  # a damaged labels.csv stops the server at start
             if not (self.folder / FEEDBACK_LABELS).exists():
                 self._write_labels(labels)
 
     def count(self) -> int:
         """The pictures held now."""
-        with self._locked():
+        with self._lock:
             return len(read_feedback_labels(self.folder))
 
     def add(self, image28: np.ndarray, label: int) -> Stored:
         """Store the 28x28 input ``image28`` (floats in [0, 1]) with ``label``; StoreFull if the store is full."""
-        if not (isinstance(label, int) and 0 <= label < N_CLASSES):
+        if not (isinstance(label, int) and label in DIGITS):
             raise ValueError(f"label must be a digit 0..9, got {label!r}")
         png = to_png(image28)
         name = hashlib.sha256(png).hexdigest() + ".png"
-        with self._locked():
+        with self._lock:
             labels = read_feedback_labels(self.folder)
             created = name not in labels
             if created and len(labels) >= self.limit:
@@ -103,19 +104,3 @@ class FeedbackStore:
     def _write_labels(self, labels: dict[str, int]) -> None:
         with atomic_path(self.folder / FEEDBACK_LABELS) as tmp:
             tmp.write_text(format_feedback_labels(labels), encoding="utf-8")
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """This process's lock, then an exclusive flock on the folder (where the OS has flock)."""
-        with self._lock:
-            try:
-                import fcntl
-            except ImportError:  # Windows: one server per folder
-                yield
-                return
-            fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)  # closing the descriptor releases the flock

@@ -11,13 +11,21 @@ Used by the ``predict`` command and the web app. Two back ends, one answer:
 The keys, ``manual`` and ``skorch``, are those of ``metrics/evaluate.json``.
 Probabilities are the softmax of the logits, computed in float64 so that
 each row sums to 1.
+
+``load_release``/``load_stage`` load the same models from a registry version
+instead (``serve --stage``, ``predict --stage``, docs/registry.md): fetched by
+DVC at the version's commit, checked against the sha256 its registration
+recorded, then loaded as above.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import softmax
@@ -25,6 +33,9 @@ from scipy.special import softmax
 from mnist_dvc.data import IMAGE_SIDE
 from mnist_dvc.onnx_runtime import check_contract, onnx_session
 from mnist_dvc.stage import StageError
+
+if TYPE_CHECKING:
+    from mnist_dvc.apps.registry import Release
 
 MODELS = {
     # name: (state_dict file, ONNX file)
@@ -93,6 +104,59 @@ class Predictor:
         return {name: (metrics.get(name) or {}).get("accuracy") for name in MODELS}
 
 
-def describe(probabilities: np.ndarray) -> dict:
+def answer_of(probabilities: np.ndarray) -> dict:
     """One model's answer for one image: ``{"digit": int, "probabilities": [10 floats]}``."""
     return {"digit": int(np.argmax(probabilities)), "probabilities": [float(p) for p in probabilities]}
+
+
+@dataclass(frozen=True)
+class Served:
+    """A registry version, loaded: what answers, and what to say about it (``/api/model``)."""
+
+    release: Release
+    stage: str
+    predictor: Predictor
+    sha256: dict[str, str]  # each of the four artifacts' files at that version, by path
+    accuracy: dict[str, float | None]
+
+
+def load_release(root: Path | str, release: Release, stage: str, onnx: bool = False, threads: int = 1) -> Served:
+    """The models of a registry version, read at its commit through DVC (cache, else remote), checked.
+
+    The files go to a temporary folder, are checked against the sha256 its
+    registration recorded, and loaded as ``Predictor`` loads the workspace's
+    (state_dicts with ``weights_only=True`` into the MLP of that commit's
+    params.yaml, their shapes checked; ONNX files against their contract); the
+    folder is removed once they are in memory. Raises StageError with the reason.
+    """
+    from mnist_dvc.apps.registry import ARTIFACTS, RegistryError, fetch_release, sha256_of
+
+    with tempfile.TemporaryDirectory(prefix="mnist-dvc-release-") as tmp:
+        try:
+            fetch_release(Path(root), release.commit, Path(tmp))
+        except RegistryError as exc:
+            raise StageError(str(exc)) from None
+        sha256 = {path: sha256_of(Path(tmp) / path) for path in ARTIFACTS.values()}
+        wrong = [path for path, digest in release.sha256.items() if sha256.get(path, digest) != digest]
+        if wrong:
+            raise StageError(f"{', '.join(wrong)}: sha256 differs from the one recorded at registration")
+        predictor = Predictor(tmp, onnx=onnx, threads=threads)
+        accuracy = predictor.test_accuracy()
+    return Served(release, stage, predictor, sha256, accuracy)
+
+
+def load_stage(root: Path | str, stage: str, onnx: bool = False, threads: int = 1) -> Served:
+    """The models of the version a GTO stage names (``predict --stage``). Raises StageError."""
+    from mnist_dvc.apps.registry import RegistryError, release_in_stage
+
+    try:
+        release = release_in_stage(Path(root), stage)
+    except RegistryError as exc:
+        raise StageError(str(exc)) from None
+    if release is None:
+        raise StageError(f"no version is in stage {stage!r} of {root}: promote one first "
+                         "(python -m mnist_dvc.apps.promote REV, docs/registry.md)")
+    try:
+        return load_release(root, release, stage, onnx=onnx, threads=threads)
+    except StageError as exc:
+        raise StageError(f"{release.version} ({release.commit[:7]}): {exc}") from None

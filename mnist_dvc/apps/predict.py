@@ -1,6 +1,6 @@
 """predict: classify your own pictures of digits with both trained models.
 
-    python -m mnist_dvc.apps.predict IMAGE [IMAGE ...] [--json] [--save-input DIR] [--onnx]
+    python -m mnist_dvc.apps.predict IMAGE [IMAGE ...] [--json] [--save-input DIR] [--onnx] [--stage prod]
     make predict IMAGES="a.png b.jpg"
 
 Each picture (a photo, a scan, a drawing, a typeset digit; any polarity,
@@ -13,7 +13,10 @@ position and size) becomes the 28x28 input the models were trained on
 given: ``{"path", "manual": {"digit", "probabilities"}, "skorch": {...}}``, or
 ``{"path", "error"}`` for a picture that cannot be used. ``--save-input DIR``
 writes the 28x28 input each picture became, as PNG. ``--onnx`` runs the
-export stage's ONNX files with ONNX Runtime instead of PyTorch.
+export stage's ONNX files with ONNX Runtime instead of PyTorch. ``--stage
+prod`` uses the models of the version the registry's stage names, fetched by
+DVC at its commit, instead of the workspace's models/ (docs/registry.md); the
+version is printed to stderr first, and is each JSON object's ``model_version``.
 
 Exit status: 0 when every picture was classified, 1 when any was not (the
 others are still classified), 2 for a usage error.
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_dvc.apps.images import ImageError, load_image, to_png
-from mnist_dvc.apps.inference import Predictor, describe
+from mnist_dvc.apps.inference import Predictor, answer_of, load_stage
 from mnist_dvc.stage import StageError, atomic_path
 
 
@@ -101,7 +104,7 @@ def classify(paths: list[str], predictor: Predictor) -> tuple[list[dict], dict[i
         probabilities = predictor.probabilities(np.stack(list(inputs.values())))
         for row, index in enumerate(inputs):
             for name, probs in probabilities.items():
-                answers[index][name] = describe(probs[row])
+                answers[index][name] = answer_of(probs[row])
     return answers, inputs
 
 
@@ -114,17 +117,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true", help="use models/*.onnx with ONNX Runtime instead of PyTorch")
     parser.add_argument("--models-root", type=Path, default=Path("."), metavar="DIR",
                         help="the project folder holding models/ and params.yaml (default: the current one)")
+    parser.add_argument("--stage", metavar="STAGE",
+                        help="use the version this registry stage names (e.g. prod), fetched by DVC at its "
+                             "commit, instead of models/ (docs/registry.md)")
     args = parser.parse_args(argv)
     # A file name that is not valid UTF-8 is printed with \x escapes, not a UnicodeEncodeError.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    version = None
     try:
-        predictor = Predictor(args.models_root, onnx=args.onnx)
+        if args.stage:
+            served = load_stage(args.models_root, args.stage, onnx=args.onnx)
+            predictor, version = served.predictor, served.release.version
+            print(f"models: {version} ({served.release.commit[:7]}), stage {args.stage}", file=sys.stderr)
+        else:
+            predictor = Predictor(args.models_root, onnx=args.onnx)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     answers, inputs = classify(args.images, predictor)
+    if version:
+        for answer in answers:
+            if "error" not in answer:
+                answer["model_version"] = version
     failed = save_inputs(args.save_input, inputs, args.images) if args.save_input else []
     try:
         if args.json:

@@ -1,12 +1,16 @@
 """serve: draw a digit in the browser; both trained models read it as you draw.
 
     python -m mnist_dvc.apps.serve [--host 127.0.0.1] [--port 8000] [--root DIR] [--onnx]
-                                   [--collect DIR [--collect-limit N]]
+                                   [--collect DIR [--collect-limit N] [--collect-token T]]
+                                   [--stage prod [--poll S]]
     make serve
 
 A FastAPI app on uvicorn. Both models are loaded once, at start-up (an
 ``inference.Predictor``); without the model files the command stops before
 listening, with one line saying to run ``dvc repro`` or ``dvc pull``.
+With ``--stage``, the models are those of the version the GTO stage names,
+fetched by DVC at its commit (not the workspace's models/), and a ``Follower``
+swaps in the next version whenever the stage moves (docs/registry.md).
 
 - ``GET /``: the page (``mnist_dvc/apps/static/``: plain HTML, CSS and JavaScript,
   nothing from the network);
@@ -24,7 +28,14 @@ listening, with one line saying to run ``dvc repro`` or ``dvc pull``.
   collection (``--collect-limit``) a 409;
 - ``GET /api/health``: the backend, each model's file, sha256 and test
   accuracy (metrics/evaluate.json), and ``collect``: the folder corrections
-  are saved in, or null (the page says so, and shows its buttons, only then).
+  are saved in, or null (the page says so, and shows its buttons, only then);
+  ``token_required`` where ``--collect-token`` (or $MNIST_DVC_COLLECT_TOKEN) is
+  set: ``/api/feedback`` then answers 401, storing nothing, without
+  ``Authorization: Bearer <token>``. On an address other than loopback,
+  ``--collect`` refuses to start without a token;
+- ``GET /api/model``: each artifact's name, version, stage, commit and sha256,
+  and the registry's last error (``--stage``); with ``--stage`` every
+  ``/api/predict`` answer also names its ``model_version``.
 
 Bad input is answered with a 4xx and ``{"error": "one sentence"}``, never a
 500: a body over ``MAX_BODY`` bytes gets 413 (FastAPI's ``max_body_size``;
@@ -46,15 +57,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import hmac
+import ipaddress
 import json
+import os
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -63,10 +78,12 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from pydantic import BaseModel
+
 from mnist_dvc.data import IMAGE_SIDE, N_CLASSES
 from mnist_dvc.apps.feedback import DEFAULT_LIMIT, FeedbackStore, StoreFull
 from mnist_dvc.apps.images import ImageError, to_mnist, to_png
-from mnist_dvc.apps.inference import MODELS, Predictor, describe
+from mnist_dvc.apps.inference import MODELS, Predictor, Served, answer_of, load_release
 from mnist_dvc.stage import StageError
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -78,6 +95,8 @@ TOO_LARGE = f"the request body is larger than the limit ({MAX_BODY:,} bytes)"
 BODY_SECONDS = 30.0  # 2 MB at 67 kB/s
 READERS = 2  # worker threads reading pictures at once (see the module's docstring)
 FILE_FIELD = "file"  # curl -F file=@digit.png
+POLL_SECONDS = 5.0  # --poll: how often --stage reads the registry (gto show's state, ~20 ms)
+TOKEN_ENV = "MNIST_DVC_COLLECT_TOKEN"  # the collection token, kept out of `ps` and shell history
 RAW_TYPES = ("image/", "application/octet-stream")
 NAMES = {"manual": "explicit PyTorch loop", "skorch": "skorch NeuralNetClassifier"}
 PAGE_HEADERS = {
@@ -93,6 +112,131 @@ PAGE_HEADERS = {
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# --- the models a registry stage names (--stage) ---------------------------------------
+
+class Follower:
+    """The models of the version a GTO stage names, swapped in whole when the stage moves.
+
+    ``current`` is replaced by one assignment, after the new models are loaded
+    and warmed up beside the old ones: a request takes ``current`` once, at its
+    start, and is answered wholly by that version, however long it takes; none
+    waits for a load. A version that cannot be fetched or fails its checks is
+    not swapped in: the old one keeps serving, one line says why, and
+    ``last_error`` keeps it for ``/api/model`` until a version loads.
+    """
+
+    def __init__(self, root: Path, stage: str, onnx: bool = False, log=None):
+        self.root, self.stage, self.onnx = Path(root), stage, onnx
+        self.current: Served | None = None
+        self.last_error: str | None = None
+        self._refused: tuple[str, str] | None = None  # (version, commit) logged as refused: once, not each poll
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))  # one line per event
+
+    def check(self) -> bool:
+        """Read the registry; load and swap in the stage's version if it moved. True if it swapped."""
+        from mnist_dvc.apps.registry import RegistryError, release_of, version_in_stage
+
+        served = self.current
+        try:
+            version = version_in_stage(self.root, self.stage)
+            if version is None:
+                return self._refuse(("none", ""), f"no version is in stage {self.stage!r} (promote one first)")
+            if served and version == served.release.version:
+                self._refused = None  # back on the served version: a refused one is tried again if named again
+                return False  # a version is one commit for good: nothing moved
+            if self._refused and self._refused[0] == version:
+                return False  # refused already, and said so once
+            release = release_of(self.root, version)
+        except RegistryError as exc:
+            return self._refuse(("registry", ""), f"the registry cannot be read: {exc}")
+        except Exception as exc:  # gto's own errors, e.g. for a tag made by hand that it cannot parse
+            return self._refuse(("registry", ""), f"the registry cannot be read: {type(exc).__name__}: {exc}")
+        key = (release.version, release.commit)
+        try:
+            loaded = load_release(self.root, release, self.stage, onnx=self.onnx)
+            warm_up(loaded.predictor)
+        except StageError as exc:
+            return self._refuse(key, str(exc))
+        self.current, self.last_error, self._refused = loaded, None, None
+        was = f", was {served.release.version}" if served else ""
+        self.log(f"mnist-dvc: serving {release.version} ({release.commit[:7]}) of stage {self.stage}{was}")
+        return True
+
+    def _refuse(self, key: tuple[str, str], reason: str) -> bool:
+        version, commit = key
+        self.last_error = f"{version} ({commit[:7]}): {reason}" if commit else reason
+        if key != self._refused:
+            self._refused = key
+            still = f"; still serving {self.current.release.version}" if self.current else ""
+            what = f"not serving {self.last_error}" if commit else f"cannot follow stage {self.stage!r}: {reason}"
+            self.log(f"mnist-dvc: {what}{still}")
+        return False
+
+    def follow(self, every: float, stop: threading.Event) -> threading.Thread:
+        """Check the registry every ``every`` seconds in a daemon thread, until ``stop`` is set."""
+        def loop():
+            while not stop.wait(every):
+                try:
+                    self.check()
+                except Exception as exc:  # a bug, not a bad version: say it, keep serving, keep following
+                    self._refuse(("check", ""), f"the registry check failed: {type(exc).__name__}: {exc}")
+        thread = threading.Thread(target=loop, name=f"follow-{self.stage}", daemon=True)
+        thread.start()
+        return thread
+
+
+def model_state(predictor: Predictor | None, follower: Follower | None) -> dict:
+    """``GET /api/model``: each artifact's name, version, stage, commit and the sha256 of its file."""
+    from mnist_dvc.apps.registry import ARTIFACTS, sha256_of
+
+    served = follower.current if follower else None
+    if served is None:  # the workspace's models/: no version, stage or commit to name
+        files = {path: (predictor.root / path) for path in ARTIFACTS.values()}
+        sha256 = {path: (sha256_of(file) if file.is_file() else None) for path, file in files.items()}
+        release, stage, in_use = None, None, set(predictor.files.values())
+    else:
+        sha256, release, stage = served.sha256, served.release, served.stage
+        in_use = set(served.predictor.files.values())
+    return {
+        "stage": stage,
+        "version": release.version if release else None,
+        "commit": release.commit if release else None,
+        "last_error": follower.last_error if follower else None,
+        "artifacts": [{"name": name, "version": release.version if release else None, "stage": stage,
+                       "commit": release.commit if release else None, "path": path, "sha256": sha256[path],
+                       "in_use": path in in_use} for name, path in ARTIFACTS.items()],
+    }
+
+
+# --- the answers' shapes, for the OpenAPI schema (/api/openapi.json) -----------------------
+# The handlers build their JSON directly (pre-encoded bytes, no validation on the way out):
+# these models only document it.
+
+class ModelAnswer(BaseModel):
+    digit: int
+    probabilities: list[float]  # ten, summing to 1
+
+
+class PredictAnswer(BaseModel):
+    manual: ModelAnswer
+    skorch: ModelAnswer
+    input: list[list[float]]  # the 28x28 input the models saw, in [0, 1]
+    model_version: str | None = None  # with --stage: the registry version that answered
+
+
+class Correction(BaseModel):
+    file: str  # <sha256>.png in the --collect folder
+    label: int
+    stored: int  # pictures held now
+
+
+class ErrorAnswer(BaseModel):
+    error: str  # one sentence
+
+
+ERRORS = {status: {"model": ErrorAnswer} for status in (400, 408, 413, 415, 422)}
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -167,22 +311,41 @@ def refuse_declared_oversize(app: FastAPI):
     return checked
 
 
-def create_app(predictor: Predictor, store: FeedbackStore | None = None):
-    """The ASGI app over loaded models: FastAPI with its body-size limit, behind the declared-size check.
-
-    ``store``: where ``POST /api/feedback`` saves corrections (``--collect``); None stores nothing.
-    """
-    hashes, accuracy = predictor.file_hashes(), predictor.test_accuracy()
-    backend = "onnx" if predictor.onnx else "pytorch"
-    health = json.dumps({
+def health_of(predictor: Predictor, hashes: dict[str, str], accuracy: dict, store: FeedbackStore | None,
+              token: bool, version: str | None = None) -> bytes:
+    """``GET /api/health``'s JSON: the backend, each model's file, sha256 and test accuracy, collection."""
+    health = {
         "status": "ok",
-        "backend": backend,
+        "backend": "onnx" if predictor.onnx else "pytorch",
         "max_body_bytes": MAX_BODY,
         "models": {name: {"description": NAMES[name], "file": predictor.files[name],
                           "sha256": hashes[name], "test_accuracy": accuracy[name]}
                    for name in MODELS},
-        "collect": None if store is None else {"folder": str(store.folder), "limit": store.limit},
-    }).encode()
+        "collect": None if store is None else {"folder": str(store.folder), "limit": store.limit,
+                                               **({"token_required": True} if token else {})},
+    }
+    if version is not None:
+        health["model_version"] = version
+    return json.dumps(health).encode()
+
+
+def bearer_matches(request: Request, token: str) -> bool:
+    """The request's ``Authorization: Bearer <token>`` is ``token`` (compared in constant time)."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def create_app(predictor: Predictor | None, store: FeedbackStore | None = None, follower: Follower | None = None,
+               collect_token: str | None = None):
+    """The ASGI app over loaded models: FastAPI with its body-size limit, behind the declared-size check.
+
+    ``store``: where ``POST /api/feedback`` saves corrections (``--collect``); None stores nothing.
+    ``follower``: the models of a registry stage (``--stage``), in place of ``predictor``.
+    ``collect_token``: what ``POST /api/feedback`` must send as ``Authorization: Bearer``; None: nothing.
+    """
+    token = collect_token or None
+    if follower is None:
+        health = health_of(predictor, predictor.file_hashes(), predictor.test_accuracy(), store, token is not None)
     page = (STATIC / "index.html").read_bytes()
     readers = anyio.CapacityLimiter(READERS)
 
@@ -191,11 +354,19 @@ def create_app(predictor: Predictor, store: FeedbackStore | None = None):
         return await anyio.to_thread.run_sync(func, *args, limiter=readers)
 
     def answer(data: bytes) -> bytes:
+        served = follower.current if follower else None  # taken once: the whole answer is one version's
         image = model_input(data)
-        probabilities = predictor.probabilities(image[None])
-        result = {name: describe(rows[0]) for name, rows in probabilities.items()}
+        probabilities = (served.predictor if served else predictor).probabilities(image[None])
+        result = {name: answer_of(rows[0]) for name, rows in probabilities.items()}
         result["input"] = image.tolist()
+        if served:
+            result["model_version"] = served.release.version
         return json.dumps(result).encode()
+
+    def served_health() -> bytes:
+        served = follower.current
+        return health_of(served.predictor, {name: served.sha256[file] for name, file in served.predictor.files.items()},
+                         served.accuracy, store, token is not None, served.release.version)
 
     # No Swagger UI: it loads its scripts from a CDN, and the app must work offline.
     app = FastAPI(title="mnist-dvc: draw a digit", docs_url=None, redoc_url=None,
@@ -209,9 +380,10 @@ def create_app(predictor: Predictor, store: FeedbackStore | None = None):
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0].get("msg", "invalid request") if errors else "invalid request"
-        return JSONResponse({"error": f"invalid request: {first}", "detail": jsonable_encoder(errors)},
-                            status_code=422)
+        first = errors[0] if errors else {}
+        where = first.get("loc", ())[-1:] or ("request",)
+        return JSONResponse({"error": f"invalid {where[0]}: {first.get('msg', 'invalid request')}",
+                             "detail": jsonable_encoder(errors)}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -226,32 +398,40 @@ def create_app(predictor: Predictor, store: FeedbackStore | None = None):
     @app.get("/api/health")
     async def get_health() -> Response:
         """The backend, and each model's file, sha256 and test accuracy."""
-        return Response(health, media_type="application/json")
+        return Response(health if follower is None else served_health(), media_type="application/json")
 
-    @app.post("/api/predict")
+    @app.get("/api/model")
+    async def get_model() -> JSONResponse:
+        """Each artifact's name, version, stage, commit and file sha256; the registry's last error."""
+        return JSONResponse(model_state(predictor, follower))
+
+    @app.post("/api/predict", responses={200: {"model": PredictAnswer}, **ERRORS})
     async def predict(request: Request) -> Response:
         """Both models' answers for one picture: raw body (image/*) or multipart field ``file``."""
         return Response(await off_loop(answer, await upload(request)), media_type="application/json")
 
-    @app.post("/api/feedback")
-    async def feedback(request: Request) -> Response:
+    @app.post("/api/feedback", status_code=201, responses={
+        201: {"model": Correction, "description": "a new picture"},
+        200: {"model": Correction, "description": "a picture already stored: its label replaced"},
+        401: {"model": ErrorAnswer}, 403: {"model": ErrorAnswer}, 409: {"model": ErrorAnswer},
+        507: {"model": ErrorAnswer}, **ERRORS})
+    async def feedback(request: Request, label: int = Query(ge=0, le=N_CLASSES - 1,
+                                                            description="the right digit")) -> Response:
         """Store a correction: the picture (as for /api/predict) and its right digit, ``?label=N``."""
         if store is None:
             return error(403, "this server does not collect corrections: start it with --collect DIR "
-                              "(e.g. make serve SERVE_ARGS=\"--collect data/feedback\")")
-        label = request.query_params.get("label")
-        if label is None:
-            return error(422, "missing label: send the right digit as POST /api/feedback?label=N, N in 0-9")
-        if label not in {str(digit) for digit in range(N_CLASSES)}:
-            return error(422, f"label {label[:20]!r} is not a digit 0-9")
+                              "(e.g. make serve SERVE_ARGS=\"--collect data/feedback/pictures\")")
+        if token is not None and not bearer_matches(request, token):
+            return error(401, "this server needs the collection token: send it as Authorization: Bearer <token>",
+                         {"WWW-Authenticate": "Bearer"})
         data = await upload(request)
         try:
-            stored = await off_loop(lambda: store.add(model_input(data), int(label)))
+            stored = await off_loop(lambda: store.add(model_input(data), label))
         except StoreFull as exc:
             return error(409, str(exc))
         except (OSError, StageError) as exc:  # the disk, or labels.csv changed by hand: not the request's fault
             return error(507, f"the correction could not be saved in {store.folder}: {exc}")
-        return JSONResponse({"file": stored.file, "label": stored.label, "stored": stored.stored},
+        return JSONResponse({"file": stored.file, "label": stored.label, "stored": stored.total},
                             status_code=201 if stored.created else 200)
 
     app.mount("/static", Static(directory=STATIC), name="static")
@@ -303,17 +483,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="the project folder holding models/, params.yaml and metrics/ (default: .)")
     parser.add_argument("--onnx", action="store_true", help="use models/*.onnx with ONNX Runtime instead of PyTorch")
     parser.add_argument("--collect", type=Path, metavar="DIR",
-                        help="save the corrections people send (POST /api/feedback) in DIR, e.g. data/feedback; "
+                        help="save the corrections people send (POST /api/feedback) in DIR, e.g. data/feedback/pictures; "
                              "without it nothing is stored")
     parser.add_argument("--collect-limit", type=positive, default=DEFAULT_LIMIT, metavar="N",
                         help=f"the most pictures --collect keeps (default: {DEFAULT_LIMIT})")
+    parser.add_argument("--collect-token", metavar="TOKEN", default=os.environ.get(TOKEN_ENV),
+                        help=f"what POST /api/feedback must send as Authorization: Bearer (default: ${TOKEN_ENV}, "
+                             "which keeps it out of `ps`); needed for --collect on any address but loopback")
+    parser.add_argument("--stage", metavar="STAGE",
+                        help="serve the version this GTO stage names (e.g. prod), fetched by DVC at its commit, "
+                             "and follow the stage as it moves (docs/registry.md); default: the workspace's models/")
+    parser.add_argument("--poll", type=seconds, default=POLL_SECONDS, metavar="S",
+                        help=f"with --stage: read the registry every S seconds (default: {POLL_SECONDS:g})")
     args = parser.parse_args(argv)
+    if args.collect is not None and not args.collect_token and not is_loopback(args.host):
+        parser.error(f"--collect on {args.host} lets anyone who reaches it change what the models learn: "
+                     f"give a token (${TOKEN_ENV}, or --collect-token), or listen on 127.0.0.1")
 
+    follower = stop = None
     try:
-        predictor = Predictor(args.root, onnx=args.onnx, threads=1)
-        warm_up(predictor)
+        if args.stage:
+            follower = Follower(args.root, args.stage, onnx=args.onnx, log=lambda line: None)
+            follower.check()  # at start, a refusal is the error below, not a log line
+            if follower.current is None:
+                raise StageError(f"stage {args.stage!r}: {follower.last_error}")
+            follower.log = lambda line: print(line, file=sys.stderr, flush=True)
+            predictor = follower.current.predictor
+        else:
+            predictor = Predictor(args.root, onnx=args.onnx, threads=1)
+            warm_up(predictor)
         store = None if args.collect is None else FeedbackStore(args.collect, args.collect_limit)
-        server = uvicorn_server(create_app(predictor, store))
+        server = uvicorn_server(create_app(None if follower else predictor, store, follower, args.collect_token))
         sock = listen(args.host, args.port)
         # The ~250,000 objects of torch, FastAPI and the models live as long as the process:
         # out of the garbage collector's view, a full collection no longer stalls a request ~0.1 s.
@@ -330,18 +530,52 @@ def main(argv: list[str] | None = None) -> int:
 
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
-    accuracy = ", ".join(f"{name} {value:.2%}" for name, value in predictor.test_accuracy().items()
+    accuracy = ", ".join(f"{name} {value:.2%}" for name, value in
+                         (follower.current.accuracy if follower else predictor.test_accuracy()).items()
                          if value is not None)
-    print(f"mnist-dvc: {'ONNX Runtime' if args.onnx else 'PyTorch'} models from {args.root.resolve()}"
+    origin = (f"{follower.current.release.version} ({follower.current.release.commit[:7]}), stage {args.stage} "
+              f"of {args.root.resolve()}, checked every {args.poll:g} s" if follower else str(args.root.resolve()))
+    print(f"mnist-dvc: {'ONNX Runtime' if args.onnx else 'PyTorch'} models from {origin}"
           + (f" (test accuracy: {accuracy})" if accuracy else ""))
     if store is not None:
-        print(f"Saving corrections in {store.folder} ({store.count()} so far, at most {store.limit})")
+        print(f"Saving corrections in {store.folder} ({store.count()} so far, at most {store.limit})"
+              + ("; they need the collection token" if args.collect_token else ""))
+    if follower:
+        stop = threading.Event()
+        follower.follow(args.poll, stop)
     print(f"Serving on http://{url_host}:{port}/ (Ctrl+C to stop)", flush=True)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl+C: uvicorn has stopped serving; nothing more to say
         pass
+    finally:
+        if stop is not None:
+            stop.set()
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 def uvicorn_server(app):

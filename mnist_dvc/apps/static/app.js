@@ -39,6 +39,9 @@
   let maxBytes = 2000000;      // updated from /api/health
   let pictureUrl = null;
   let collecting = false;      // the server saves corrections (serve --collect): from /api/health
+  let tokenRequired = false;   // and wants its collection token (serve --collect-token): from /api/health
+  let modelVersion = null;     // the registry version that answers (serve --stage), or null
+  const TOKEN_KEY = "mnist-dvc-collect-token";  // sessionStorage: asked once, kept for this tab's session
   let answered = null;         // {body, type, digit} of the picture the shown answer is for
 
   // --- results: bars and 28x28 view -------------------------------------------
@@ -143,11 +146,20 @@
     withdrawFeedback();
     feedbackStatus.classList.remove("error");
     feedbackStatus.textContent = "Saving…";
+    const headers = { "Content-Type": sent.type };
+    if (tokenRequired) {
+      const token = collectToken();
+      if (!token) {
+        feedbackStatus.textContent = "Not saved: this server needs its collection token.";
+        feedbackStatus.classList.add("error");
+        return;
+      }
+      headers.Authorization = `Bearer ${token}`;
+    }
     try {
-      const response = await fetch(`/api/feedback?label=${digit}`, {
-        method: "POST", body: sent.body, headers: { "Content-Type": sent.type },
-      });
+      const response = await fetch(`/api/feedback?label=${digit}`, { method: "POST", body: sent.body, headers });
       const data = await response.json().catch(() => ({}));
+      if (response.status === 401) sessionStorage.removeItem(TOKEN_KEY);  // asked again next time
       if (response.ok) {
         feedbackStatus.textContent = (response.status === 201 ? `Saved as ${data.label}` : `Already saved; now labelled ${data.label}`) +
           ` (${data.stored} on this server). Thank you.`;
@@ -159,6 +171,24 @@
       feedbackStatus.textContent = "Not saved: cannot reach the server.";
       feedbackStatus.classList.add("error");
     }
+  }
+
+  // The collection token, asked once and kept for this tab's session (never in localStorage).
+  function collectToken() {
+    let token = sessionStorage.getItem(TOKEN_KEY);
+    if (!token) {
+      token = (window.prompt("This server saves corrections only with its collection token. Token:") || "").trim();
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    }
+    return token;
+  }
+
+  function showVersion(version) {
+    if (!version || version === modelVersion) return;
+    modelVersion = version;
+    const label = $("model-version");
+    label.textContent = `Model ${version}`;
+    label.hidden = false;
   }
 
   function drawInput(rows) {
@@ -216,6 +246,7 @@
       const data = await response.json().catch(() => ({}));
       if (id !== requestId) return;  // a newer drawing is on its way
       if (response.ok) {
+        showVersion(data.model_version);
         showAnswer(data);
         if (collecting) offerFeedback(body, type || "application/octet-stream", data);
         setStatus(picture.hidden ? "Keep drawing, or Clear to start again."
@@ -502,8 +533,10 @@
       info.textContent = `Backend: ${health.backend === "onnx" ? "ONNX Runtime" : "PyTorch"}. ` +
                          `Models: ${parts.join("; ")}.`;
       info.title = MODELS.map((name) => `${name}: sha256 ${health.models[name].sha256}`).join("\n");
+      showVersion(health.model_version);
       if (health.collect) {
         collecting = true;
+        tokenRequired = Boolean(health.collect.token_required);
         feedback.hidden = false;
         const note = $("collect-note");
         note.textContent = `Corrections are saved on this server, in ${health.collect.folder}: ` +
