@@ -23,6 +23,13 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+from mnist_dvc import numerics
+
+# Before any test module imports torch: stages run in-process compute with the
+# kernels `python -m stages.<name>` pins (mnist_dvc/numerics.py), and the test
+# processes' children (dvc, servers) inherit them.
+numerics.pin(numerics.DEFAULT)
+
 from helpers import (REPRODUCED_OVERRIDES, chromium, dvc, make_project, md5_of, missing_browser, sh, write_mirror,
                      write_params)
 from mnist_dvc.data import RAW_FILES
@@ -146,32 +153,19 @@ def offline_browser(tmp_path):
     driver.quit()
 
 
-def pytest_collection_modifyitems(config, items):
-    """An order in which two or more xdist workers stay busy to the end (``make test`` hands the
-    tests out one at a time, ``--maxschedchunk 1``, in this order).
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(items):
+    """The readers of the shared ``experiments`` project are one xdist group: ``make test``
+    (``--dist loadgroup``) sends them to one worker, which builds it, and no other waits on its lock.
 
-    First a test that needs the reproduced project (``reproduced``: a full `dvc
-    repro`): one worker builds it while the others run the end-to-end tests
-    that need no shared project, then half of the other independent tests.
-    Then one that needs ``experiments`` (two `dvc exp run` on a copy), which a
-    worker builds while the others run the end-to-end tests on the reproduced
-    project; then the users of ``experiments``, ready by then. The short tests
-    that are left go last: whichever worker is free takes the next, and all
-    finish within a few seconds of each other.
+    The other tests go in file order to whichever worker is free: the first
+    that needs ``reproduced`` starts its build, while the other workers run
+    the independent tests that follow. The group keeps the place of its first
+    test (``--no-loadscope-reorder``) instead of going first, where its worker
+    would build ``reproduced`` while the next worker to need it waited.
+    (pytest-xdist 3.8 under pytest 9.2 ignores groups, pytest-dev/pytest-xdist#1386:
+    the readers then go in file order like the rest, still correct.)
     """
-    def needs(item, name: str) -> bool:
-        return name in getattr(item, "fixturenames", ())
-
-    def e2e_first(among: list) -> list:
-        return sorted(among, key=lambda item: item.get_closest_marker("e2e") is None)  # stable
-
-    shared = [item for item in items if needs(item, "reproduced")]
-    if not shared:
-        return
-    builder, shared = shared[0], shared[1:]
-    experiments = [item for item in shared if needs(item, "experiments")]
-    on_reproduced = e2e_first([item for item in shared if item not in experiments])
-    independent = e2e_first([item for item in items if item is not builder and not needs(item, "reproduced")])
-    ended = sum(item.get_closest_marker("e2e") is not None for item in independent)
-    half = ended + (len(independent) - ended) // 2
-    items[:] = [builder, *independent[:half], *experiments[:1], *on_reproduced, *experiments[1:], *independent[half:]]
+    for item in items:
+        if "experiments" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("experiments"))

@@ -7,6 +7,7 @@ plugin); everything here is an ordinary function or constant, imported as
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import gzip
@@ -18,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -31,9 +33,9 @@ from mnist_dvc.data import RAW_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN = 1500  # of load_digits' 1,797; the other 297 are the test set
-# What a project copy needs to run the pipeline: tracked sources, no data.
-PROJECT_FILES = ["stages", "mnist_dvc", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore",
-                 ".dvc/plots", ".dvcignore", ".gitignore"]
+# What a project copy needs to run the pipeline: tracked sources, no data (write_params writes params.yaml).
+PROJECT_FILES = ["stages", "mnist_dvc", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
+                 ".dvc/plots", ".dvcignore", ".gitignore", "data/feedback/.gitignore"]
 # Small settings so a whole pipeline runs in seconds on the fixture data.
 FAST_PARAMS = {
     "download.retries": 2,
@@ -119,6 +121,50 @@ def write_mirror(folder: Path, arrays: dict[str, np.ndarray] | None = None) -> d
     return {key: md5_of(folder / name) for key, name in RAW_FILES.items()}
 
 
+# --- what git HEAD holds: never what `dvc exp run` or `dvc repro` left in the workspace ---
+
+def committed(path: str) -> str:
+    """The text of ``path`` (relative to this checkout) as git HEAD holds it.
+
+    A user's workspace may hold an applied experiment (`dvc exp run` and `dvc exp
+    apply` write its params.yaml, metrics and models there), and the tests must
+    pass all the same. A file HEAD lacks (no git, or not committed yet) is read
+    from the workspace.
+    """
+    result = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else (REPO / path).read_text()
+
+
+def with_values_of(head, workspace):
+    """``workspace``'s keys (nested dicts), each with ``head``'s value where ``head`` has the key."""
+    if not (isinstance(head, dict) and isinstance(workspace, dict)):
+        return head
+    return {key: with_values_of(head[key], value) if key in head else value for key, value in workspace.items()}
+
+
+def committed_params() -> dict:
+    """params.yaml as git HEAD holds it, and any key the workspace's file adds to it.
+
+    An experiment changes values: HEAD's are taken. A section or key being
+    written (with the code that reads it) is tested before it is committed:
+    it is taken from the workspace, and a key it removed is gone.
+    """
+    from ruamel.yaml import YAML
+
+    load = YAML(typ="safe", pure=True).load  # YAML 1.2, as DVC and the stages read it: `1e-3` is a number
+    return with_values_of(load(committed("params.yaml")), load((REPO / "params.yaml").read_text()))
+
+
+@functools.cache
+def committed_params_file() -> Path:
+    """A file that holds ``committed_params()``, for the loaders that read a path (one per process)."""
+    folder = Path(tempfile.mkdtemp(prefix="committed-params-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(committed_params(), sort_keys=False))
+    return path
+
+
 # --- params.yaml ----------------------------------------------------------------------
 
 def set_key(params: dict, dotted: str, value) -> Any:
@@ -142,20 +188,22 @@ def edit_params(path: Path | str, changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_params(folder: Path, mirror_url: str, md5: dict[str, str], **overrides) -> Path:
-    """The project's params.yaml, pointed at ``mirror_url`` with FAST_PARAMS and ``overrides``.
+    """The project's params.yaml (``committed_params()``), pointed at ``mirror_url`` with FAST_PARAMS
+    and ``overrides``.
 
     Override keys use ``__`` for dots: ``train__lr=0.01``.
     """
     path = folder / "params.yaml"
-    shutil.copyfile(REPO / "params.yaml", path)
+    shutil.copyfile(committed_params_file(), path)
     edit_params(path, {"download.mirrors": [mirror_url], "download.md5": dict(md5), **FAST_PARAMS,
                        **{key.replace("__", "."): value for key, value in overrides.items()}})
     return path
 
 
 def sections_with(changes: dict, path: Path | str = "params.yaml"):
-    """The model and train sections of ``path`` (default: the cwd's params.yaml) with ``changes``
-    applied, e.g. ``{"train": {"schedule": "cosine", "augment": {"shift": 2}}}``."""
+    """The model and train sections of ``path`` (default: the cwd's params.yaml; the project's:
+    ``committed_params_file()``) with ``changes`` applied, e.g.
+    ``{"train": {"schedule": "cosine", "augment": {"shift": 2}}}``."""
     from mnist_dvc.params import load_section
 
     sections = {name: load_section(name, path) for name in ("model", "train")}
@@ -236,15 +284,9 @@ def make_project(dest: Path, mirror: tuple[Path, dict[str, str]], **overrides) -
     return dest
 
 
-# The stages dvc.yaml marks always_changed (feedback): `dvc repro` runs them every
-# time and `dvc status` lists them as "always changed".
-ALWAYS_RUN = frozenset(name for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()
-                       if stage.get("always_changed"))
-
-
 def ran_stages(output: str) -> set[str]:
-    """Stage names that `dvc repro` / `dvc exp run` says it ran, apart from the ALWAYS_RUN ones."""
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")} - ALWAYS_RUN
+    """Stage names that `dvc repro` / `dvc exp run` says it ran."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
 def free_ports(count: int) -> list[int]:
@@ -299,7 +341,24 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
 
 
-# --- the web app as a real server process -------------------------------------------------
+# --- the web app in process, and as a real server process -----------------------------------
+
+def ask(app, requests: list[dict], at_once: bool = False) -> list:
+    """``requests`` (httpx.AsyncClient.request keywords) sent to the ASGI ``app`` in this process
+    (httpx's ASGI transport), one after the other or all ``at_once``; their responses, in order."""
+    import asyncio
+
+    import httpx
+
+    async def send_all():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            if at_once:
+                return await asyncio.gather(*(client.request(**request) for request in requests))
+            return [await client.request(**request) for request in requests]
+    return asyncio.run(send_all())
+
+
 
 SERVER_START_TIMEOUT = 60  # s; start-up is ~3 s, more when the other xdist worker trains
 

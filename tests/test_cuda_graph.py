@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import REPO, edit_params, sections_with
+from helpers import committed_params_file, edit_params, sections_with
 from mnist_dvc.data import load_split
 from mnist_dvc.model import build_mlp, build_optimizer, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
@@ -27,12 +27,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 def sections(model=None, **train):
-    """This checkout's model and train sections, ``train`` keys changed."""
-    return sections_with({"model": model or {}, "train": train}, REPO / "params.yaml")
+    """The project's model and train sections, ``train`` keys changed."""
+    return sections_with({"model": model or {}, "train": train}, committed_params_file())
 
 
 def test_the_defaults_can_be_captured():
-    assert load_section("train", REPO / "params.yaml").cuda_graph == "auto"
+    assert load_section("train", committed_params_file()).cuda_graph == "auto"
     assert cuda_graph_obstacle(*sections()) is None
 
 

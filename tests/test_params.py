@@ -15,11 +15,11 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from helpers import REPO, edit_params, run_stage_script, set_key
+from helpers import committed_params, committed_params_file, edit_params, run_stage_script, set_key
 from mnist_dvc.params import SECTIONS, load_section
 from mnist_dvc.stage import StageError
 
-REPO_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+REPO_PARAMS = committed_params()
 GOOD_MD5 = "f68b3c2dcbeaaa9fbdd348bbdeb94873"
 
 # (dotted key, bad value, substrings the one-line message must contain besides
@@ -115,6 +115,8 @@ BAD_VALUES = [
     ("plot.dpi", 700, ["less than or equal to 600"]),
     ("plot.misclassified", 0, ["greater than or equal to 1"]),
     ("plot.misclassified", 101, ["less than or equal to 100"]),
+    ("promote.max_drop", -0.01, ["greater than or equal to 0"]),
+    ("promote.max_drop", 2, ["less than or equal to 1"]),
     # tune
     ("tune.subset_size", 50, ["greater than or equal to 100"]),
     ("tune.subset_size", 60001, ["less than or equal to 60000"]),
@@ -148,7 +150,7 @@ def write(tmp_path: Path, params: dict) -> Path:
 
 def with_value(tmp_path: Path, dotted: str, value) -> Path:
     path = tmp_path / "params.yaml"
-    shutil.copyfile(REPO / "params.yaml", path)
+    shutil.copyfile(committed_params_file(), path)
     edit_params(path, {dotted: value})
     return path
 
@@ -175,7 +177,7 @@ SCHEMA_KEYS = [key for section, model in SECTIONS.items() for key in all_dotted_
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_repo_params_yaml_validates_for_every_section(section):
-    load_section(section, REPO / "params.yaml")
+    load_section(section, committed_params_file())
 
 
 def test_repo_params_yaml_has_exactly_the_schema_sections():

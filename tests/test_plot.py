@@ -7,12 +7,13 @@ the stage runs in-process.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import committed_params_file
 from mnist_dvc.data import save_split
 from mnist_dvc.stage import StageError, write_csv
 from stages import plot
@@ -25,7 +26,7 @@ EVALUATION = {name: {"accuracy": 0.9, "loss": 0.3, "macro_f1": 0.9} for name in 
 def folder(tmp_path, monkeypatch) -> Path:
     """A cwd with params.yaml, a test split, evaluate.json and both predictions CSVs."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    shutil.copyfile(committed_params_file(), tmp_path / "params.yaml")
     labels = np.arange(N_TEST) % 10
     save_split(tmp_path / "data/processed", "test", np.zeros((N_TEST, 28, 28), np.uint8), labels)
     (tmp_path / "metrics").mkdir()

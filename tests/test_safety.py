@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from helpers import DVC, checkout_env, dvc, run_stage_script, stage_command, tool_env, write_params
-from mnist_dvc.model import MLP
+from mnist_dvc.model import build_mlp
+from mnist_dvc.params import load_section
 from mnist_dvc.stage import StageError
 from stages import evaluate as evaluate_stage
 from stages import fit as fit_stage
@@ -34,7 +35,7 @@ class CodeOnLoad:
 def test_tampered_model_file_is_refused_and_its_code_never_runs(prepared, tampered):
     models = prepared / "models"
     models.mkdir()
-    state = MLP([128]).state_dict()
+    state = build_mlp(load_section("model"), seed=0).state_dict()  # the shape params.yaml asks for
     for name in ("mlp.pt", "skorch_params.pt"):
         torch.save(state, models / name)
     marker = prepared / "code-ran"

@@ -3,7 +3,8 @@ and once as the real server.
 
 The app runs over the reproduced project's models; its answers are compared
 with the ``predict`` command's on the same pictures, and with the model files
-and metrics it says it serves. One test starts ``python -m mnist_dvc.apps.serve``
+and metrics it says it serves; corrections sent to ``/api/feedback`` land in a
+feedback store in ``tmp_path``. One test starts ``python -m mnist_dvc.apps.serve``
 (uvicorn) and checks what only a real socket shows: the 413 however a large
 body comes, and a clean log.
 """
@@ -25,29 +26,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, Server, canvas_stroke, checkout_env, encode, png_header_only, scanned_digits, start_server
+from helpers import (REPO, Server, ask, canvas_stroke, checkout_env, committed_params_file, encode, png_header_only,
+                     scanned_digits, start_server)
 
-from mnist_dvc.apps.images import to_mnist
+from mnist_dvc.apps.feedback import FeedbackStore
+from mnist_dvc.apps.images import to_mnist, to_png
 from mnist_dvc.apps.inference import Predictor
 from mnist_dvc.apps import serve
 from mnist_dvc.apps.serve import MAX_BODY, create_app
+from mnist_dvc.data import FEEDBACK_LABELS, read_feedback_labels
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def app(reproduced):
+def predictor(reproduced):
+    """The reproduced project's PyTorch models, loaded once."""
+    return Predictor(reproduced)
+
+
+@pytest.fixture(scope="module")
+def app(predictor):
     """The app over the reproduced project's PyTorch models, in this process."""
-    return create_app(Predictor(reproduced))
-
-
-def ask(app, requests: list[dict]) -> list[httpx.Response]:
-    """``requests`` (httpx.AsyncClient.request keywords) sent in turn to ``app``, in process."""
-    async def send_all():
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            return [await client.request(**request) for request in requests]
-    return asyncio.run(send_all())
+    return create_app(predictor)
 
 
 def post(picture, content_type: str | None = "image/png", **kwargs) -> dict:
@@ -125,11 +126,7 @@ def test_concurrent_requests_each_get_the_answer_for_their_own_picture(app, repr
     pictures = [*scanned_digits(), canvas_stroke()] * 4
     alone = [response.json() for response in ask(app, [post(picture) for picture in pictures[:len(pictures) // 4]])]
 
-    async def send_at_once():
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-            return await asyncio.gather(*(client.request(**post(picture)) for picture in pictures))
-    responses = asyncio.run(send_at_once())
+    responses = ask(app, [post(picture) for picture in pictures], at_once=True)
     assert [response.status_code for response in responses] == [200] * len(pictures)
     assert [response.json() for response in responses] == alone * 4
 
@@ -281,6 +278,79 @@ def test_a_bug_is_a_json_500_and_the_app_goes_on(reproduced):
     assert second.status_code == 200 and second.json()["manual"]["digit"] in range(10)
 
 
+# --- corrections (/api/feedback, mnist_dvc/apps/feedback.py's store), in process ----------------
+
+def correction(picture: bytes, label=None, content_type: str = "image/png") -> dict:
+    params = {} if label is None else {"label": label}
+    return {"method": "POST", "url": "/api/feedback", "params": params, "content": picture,
+            "headers": {"Content-Type": content_type}}
+
+
+def test_corrections_over_http_are_stored_once_201_then_200_with_the_stored_input(predictor, tmp_path):
+    app = create_app(predictor, FeedbackStore(tmp_path / "feedback"))
+    scans = scanned_digits(6)
+    # Six clients at once, each picture sent twice: 6 new (201), then 6 already had (200).
+    first = ask(app, [correction(scan, label=d) for d, scan in enumerate(scans)], at_once=True)
+    again = ask(app, [correction(scan, label=(d + 1) % 10) for d, scan in enumerate(scans)], at_once=True)
+    assert [r.status_code for r in first] == [201] * 6 and [r.status_code for r in again] == [200] * 6
+    assert sorted(r.json()["stored"] for r in first) == [1, 2, 3, 4, 5, 6]
+    labels = read_feedback_labels(tmp_path / "feedback")
+    for d, (scan, response) in enumerate(zip(scans, again)):
+        answer = response.json()
+        assert answer == {"file": first[d].json()["file"], "label": (d + 1) % 10, "stored": 6}
+        assert labels[answer["file"]] == (d + 1) % 10
+        assert (tmp_path / "feedback" / answer["file"]).read_bytes() == to_png(to_mnist(scan))
+    health = ask(app, [{"method": "GET", "url": "/api/health"}])[0].json()
+    assert health["collect"] == {"folder": str(tmp_path / "feedback"), "limit": 10_000}
+
+
+def test_without_collect_nothing_is_stored_and_the_answer_says_how_to_turn_it_on(predictor, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = create_app(predictor)
+    response = ask(app, [correction(scanned_digits(1)[0], label=3)])[0]
+    assert response.status_code == 403 and "start it with --collect DIR" in response.json()["error"]
+    assert list(tmp_path.iterdir()) == []
+    assert ask(app, [{"method": "GET", "url": "/api/health"}])[0].json()["collect"] is None
+
+
+@pytest.mark.parametrize("request_, status, reason", [
+    ({"label": None}, 422, "invalid label: Field required"),
+    ({"label": "10"}, 422, "invalid label: Input should be less than or equal to 9"),
+    ({"label": "-1"}, 422, "invalid label: Input should be greater than or equal to 0"),
+    ({"label": "seven"}, 422, "invalid label: Input should be a valid integer"),
+    ({"label": "3", "picture": b"not a picture"}, 422, "the file is not an image in a supported format"),
+    ({"label": "3", "picture": b""}, 422, "the file is empty (0 bytes)"),
+    ({"label": "3", "picture": "blank"}, 422, "no digit"),
+    ({"label": "3", "content_type": "text/plain"}, 415, "unsupported content type"),
+    ({"label": "3", "picture": b"\0" * 2_000_001}, 413, "larger than the limit"),
+], ids=["missing", "10", "negative", "word", "not-a-picture", "empty", "blank", "text", "too-large"])
+def test_every_bad_correction_gets_a_4xx_with_its_reason_and_stores_nothing(predictor, tmp_path, request_,
+                                                                            status, reason):
+    picture = request_.get("picture", scanned_digits(1)[0])
+    if picture == "blank":
+        picture = encode(Image.new("L", (100, 100), 255))
+    app = create_app(predictor, FeedbackStore(tmp_path))
+    response = ask(app, [correction(picture, request_["label"], request_.get("content_type", "image/png"))])[0]
+    assert response.status_code == status and reason in response.json()["error"], response.text
+    assert read_feedback_labels(tmp_path) == {} and [p.name for p in tmp_path.iterdir()] == [FEEDBACK_LABELS]
+
+
+def test_a_full_collection_gets_a_409_and_still_takes_relabels(predictor, tmp_path):
+    app = create_app(predictor, FeedbackStore(tmp_path, limit=2))
+    scans = scanned_digits(3)
+    assert [r.status_code for r in ask(app, [correction(s, label=1) for s in scans[:2]])] == [201, 201]
+    full = ask(app, [correction(scans[2], label=1)])[0]
+    assert full.status_code == 409 and "full (2 pictures)" in full.json()["error"]
+    assert ask(app, [correction(scans[0], label=8)])[0].status_code == 200
+    assert sorted(read_feedback_labels(tmp_path).values()) == [1, 8]
+
+
+def test_serve_refuses_a_collect_limit_below_one_in_one_line(capsys):
+    with pytest.raises(SystemExit) as caught:
+        serve.main(["--collect", "x", "--collect-limit", "0"])
+    assert caught.value.code == 2 and "--collect-limit: 0 is below 1" in capsys.readouterr().err
+
+
 # --- the real server ----------------------------------------------------------------------------
 
 def send_head(port: int, head: bytes, timeout: float = 30) -> bytes:
@@ -365,7 +435,7 @@ def test_the_real_server_answers_and_refuses_large_bodies_over_http(reproduced):
 
 
 def test_missing_models_stop_the_server_before_it_listens(tmp_path):
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(committed_params_file().read_text())
     for args in ((), ("--onnx",)):
         server = Server(tmp_path, *args)
         try:
@@ -376,3 +446,16 @@ def test_missing_models_stop_the_server_before_it_listens(tmp_path):
             assert lines[0].startswith("error: ") and "dvc repro" in lines[0] and "dvc pull" in lines[0]
         finally:
             server.stop()
+
+
+def test_the_openapi_schema_documents_the_answers_and_the_label_range(predictor, tmp_path):
+    app = create_app(predictor, FeedbackStore(tmp_path))
+    schema = ask(app, [{"method": "GET", "url": "/api/openapi.json"}])[0].json()
+    predict = schema["paths"]["/api/predict"]["post"]["responses"]
+    assert predict["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictAnswer")
+    assert predict["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorAnswer")
+    feedback = schema["paths"]["/api/feedback"]["post"]
+    (label,) = [p for p in feedback["parameters"] if p["name"] == "label"]
+    assert label["required"] and label["schema"]["minimum"] == 0 and label["schema"]["maximum"] == 9
+    assert {"200", "201", "401", "403", "409", "413", "415", "422"} <= set(feedback["responses"])
+    assert set(schema["components"]["schemas"]["Correction"]["properties"]) == {"file", "label", "stored"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from pathlib import Path
 
-from helpers import REPO, sections_with
+from helpers import committed_params_file, sections_with
 from mnist_dvc.data import load_split
 from mnist_dvc.model import MLP, build_mlp, load_mlp, load_trained, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
@@ -194,7 +195,7 @@ def test_saved_models_reload_with_weights_only_and_predict_identically(prepared)
 
 
 def model_128():
-    return sections_with({"model": {"hidden": [128]}}, REPO / "params.yaml")[0]
+    return sections_with({"model": {"hidden": [128]}}, committed_params_file())[0]
 
 
 def good_state() -> dict[str, torch.Tensor]:
@@ -242,7 +243,7 @@ def test_a_model_file_that_is_not_a_finite_float_state_dict_is_refused_in_one_li
 
 def test_evaluate_refuses_nan_weights_before_writing_any_metric(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    shutil.copyfile(committed_params_file(), tmp_path / "params.yaml")
     (tmp_path / "models").mkdir()
     torch.save(good_state(), tmp_path / "models/mlp.pt")
     torch.save({k: v * float("nan") for k, v in good_state().items()}, tmp_path / "models/skorch_params.pt")

@@ -21,7 +21,7 @@ from helpers import edit_params, run_stage_script
 from mnist_dvc import cluster
 from mnist_dvc.data import load_stored_split
 from mnist_dvc.params import load_section
-from mnist_dvc.tuning import scale_and_flatten
+from mnist_dvc.tuning import scale_and_flatten, stratified_subset
 from stages import tune
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -107,9 +107,9 @@ def test_configured_search_clones_and_the_clone_fits(workdir):
 
 def test_subset_size_beyond_the_training_set_uses_all_images(capsys):
     images, labels = np.zeros((50, 28, 28), np.uint8), np.arange(50) % 10
-    kept_images, kept_labels = tune.stratified_subset(images, labels, 100, seed=0)
+    kept_images, kept_labels = stratified_subset(images, labels, 100, seed=0)
     assert len(kept_labels) == 50 and "using all of them" in capsys.readouterr().out
-    _, subset = tune.stratified_subset(images, labels, 20, seed=0)
+    _, subset = stratified_subset(images, labels, 20, seed=0)
     assert np.bincount(subset).tolist() == [2] * 10
 
 

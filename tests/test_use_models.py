@@ -21,7 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import REPO, checkout_env, dvc, encode, sh, tiny_mnist_arrays, tool_env
+from helpers import REPO, checkout_env, committed, dvc, encode, sh, tiny_mnist_arrays, tool_env
 from mnist_dvc.apps.images import load_image, to_png
 from mnist_dvc.apps.inference import Predictor
 from mnist_dvc.model import load_mlp
@@ -230,9 +230,9 @@ def test_onnx_files_follow_the_contract_and_were_checked_against_pytorch(reprodu
         assert isinstance(in_dims[0], str) and in_dims[1:] == [28, 28]  # N is dynamic
         assert out_dims == [in_dims[0], 10]
         entry = metrics[name]
-        assert set(entry) == {"max_abs_diff", "argmax_agreement", "onnx_bytes", "ms_per_1000_images"}
-        assert entry["max_abs_diff"] <= export.MAX_ABS_DIFF and entry["argmax_agreement"] == 1.0
-        assert entry["onnx_bytes"] == path.stat().st_size and entry["ms_per_1000_images"] > 0
+        # The check that passed, nothing ONNX Runtime's kernels or the machine's load decide.
+        assert entry == {"onnx_bytes": path.stat().st_size, "test_images": 297,
+                         "max_abs_diff_allowed": export.MAX_ABS_DIFF, "argmax_agreement": 1.0}
 
 
 def test_export_that_disagrees_with_pytorch_fails_and_keeps_no_output(reproduced, tmp_path, monkeypatch):
@@ -281,14 +281,16 @@ def test_artifacts_declare_every_model_file_with_its_contract_and_accuracy():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     model_outs = {out for stage in stages.values() for out in stage.get("outs", []) if str(out).startswith("models/")}
     assert {a["path"] for a in ARTIFACTS.values()} == model_outs
-    accuracy = json.loads((REPO / "metrics/evaluate.json").read_text())
-    for name, artifact in ARTIFACTS.items():
+    for artifact in ARTIFACTS.values():
         assert artifact["type"] == "model" and artifact["desc"] and artifact["labels"]
         meta = artifact["meta"]
         assert "float32 (N, 28, 28), values in [0, 1], white digit on black" in meta["input"]
         assert "(N, 10)" in meta["output"]
+    # The committed results, not an experiment's in the workspace: each declared accuracy is that of HEAD's metrics.
+    accuracy = json.loads(committed("metrics/evaluate.json"))
+    for name, artifact in yaml.safe_load(committed("dvc.yaml"))["artifacts"].items():
         which = "skorch" if "skorch" in name else "manual"
-        assert meta["test_accuracy"] == round(accuracy[which]["accuracy"], 4), name
+        assert artifact["meta"]["test_accuracy"] == round(accuracy[which]["accuracy"], 4), name
 
 
 def test_dvc_artifacts_get_fetches_a_registered_model_from_the_dvc_remote(copy_project, tmp_path):
