@@ -115,6 +115,7 @@ BAD_VALUES = [
     ("plot.dpi", 700, ["less than or equal to 600"]),
     ("plot.misclassified", 0, ["greater than or equal to 1"]),
     ("plot.misclassified", 101, ["less than or equal to 100"]),
+    ("numerics.cpu", "fast", ["Input should be 'portable' or 'native'"]),
     ("promote.max_drop", -0.01, ["greater than or equal to 0"]),
     ("promote.max_drop", 2, ["less than or equal to 1"]),
     # tune

@@ -79,7 +79,7 @@ def and_what_follows(stages: set[str], pipeline: dict) -> set[str]:
 def test_what_follows_a_stage_is_read_from_the_outputs_it_writes():
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert and_what_follows({"train"}, pipeline) == {"train", "evaluate", "export", "plot"}
-    assert and_what_follows({"preprocess"}, pipeline) == ALL_STAGES - {"download"}
+    assert and_what_follows({"preprocess"}, pipeline) == ALL_STAGES - {"download", "feedback"}
     assert and_what_follows({"plot"}, pipeline) == {"plot"}
 
 
@@ -92,7 +92,7 @@ RERUN_RULES = [
     ("model.dropout", 0.1, {"train", "fit", "evaluate", "export", "tune"}, AFTER_TRAINING | {"tune"}),
     ("plot.misclassified", 10, {"plot"}, {"plot"}),
     ("tune.cv", 3, {"tune"}, {"tune"}),
-    ("preprocess.val_size", 100, {"preprocess"}, ALL_STAGES - {"download"}),
+    ("preprocess.val_size", 100, {"preprocess"}, ALL_STAGES - {"download", "feedback"}),
     ("train.schedule", "cosine", {"train", "fit"}, AFTER_TRAINING),
     ("train.warmup", 0.1, {"train", "fit"}, AFTER_TRAINING),
     ("train.augment", {"shift": 1, "rotate": 5.0}, {"train", "fit"}, AFTER_TRAINING),

@@ -116,6 +116,17 @@ def release_of(root: Path, version: str) -> Release:
     return Release(version, commits.pop(), hashes)
 
 
+def agreed(named: dict[str, str | None], disagreement: str) -> str | None:
+    """The one version all four artifacts have (``named``: artifact -> version), None where none has
+    one; RegistryError with ``disagreement`` (its ``{}``: each artifact's version) where they differ."""
+    found = set(named.values())
+    if found == {None}:
+        return None
+    if len(found) > 1:
+        raise RegistryError(disagreement.format(", ".join(f"{name} {v or 'none'}" for name, v in named.items())))
+    return found.pop()
+
+
 def version_in_stage(root: Path, stage: str) -> str | None:
     """The version all four artifacts have in ``stage`` (as ``gto show`` says), None where none has one.
 
@@ -124,14 +135,7 @@ def version_in_stage(root: Path, stage: str) -> str | None:
     """
     state = registry_state(root)
     named = {name: (state.get(name) or {}).get("stage", {}).get(stage) for name in ARTIFACTS}
-    found = set(named.values())
-    if found == {None}:
-        return None
-    if len(found) > 1:
-        listed = ", ".join(f"{name} {version or 'none'}" for name, version in named.items())
-        raise RegistryError(f"the four artifacts disagree on stage {stage!r} ({listed}): "
-                            f"promote or roll back the group as one")
-    return found.pop()
+    return agreed(named, f"the four artifacts disagree on stage {stage!r} ({{}}): promote or roll back the group as one")
 
 
 def release_in_stage(root: Path, stage: str) -> Release | None:
@@ -191,13 +195,8 @@ def version_at(known: dict[str, list[dict]], commit: str) -> str | None:
     named = {name: next((v["version"] for v in known[name]
                          if v["commit_hexsha"] == commit and v.get("registrations")), None)
              for name in ARTIFACTS}
-    found = set(named.values())
-    if found == {None}:
-        return None
-    if len(found) > 1:
-        listed = ", ".join(f"{name} {version or 'none'}" for name, version in named.items())
-        raise RegistryError(f"commit {commit[:7]} is registered unevenly ({listed}): "
-                            "register the missing ones with gto register --version")
+    return agreed(named, f"commit {commit[:7]} is registered unevenly ({{}}): "
+                         "register the missing ones with gto register --version")
     return found.pop()
 
 
