@@ -293,6 +293,14 @@ def test_artifacts_declare_every_model_file_with_its_contract_and_accuracy():
         assert artifact["meta"]["test_accuracy"] == round(accuracy[which]["accuracy"], 4), name
 
 
+def test_the_readme_shows_the_committed_test_metrics():
+    evaluation = json.loads(committed("metrics/evaluate.json"))
+    for name, label in (("manual", "explicit loop (`train`)"), ("skorch", "skorch (`fit`)")):
+        scores = evaluation[name]
+        row = f"| {label} | {scores['accuracy']:.4f} | {scores['loss']:.4f} | {scores['macro_f1']:.4f} |"
+        assert row in README, row
+
+
 def test_dvc_artifacts_get_fetches_a_registered_model_from_the_dvc_remote(copy_project, tmp_path):
     repo = copy_project()
     storage = tmp_path / "dvc-storage"
