@@ -6,7 +6,8 @@ libraries inside torch pick their kernels by the CPU they run on:
 - ATen's vector kernels (element-wise ops, reductions, the fused Adam step),
   and oneDNN's, use the widest vector unit: AVX-512 rounds otherwise than
   AVX2. ``ATEN_CPU_CAPABILITY=avx2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` cap them
-  at AVX2, which every x86-64 CPU made since 2015 has.
+  at AVX2 (Intel since 2013, AMD since 2015; a CPU without it falls back to
+  ATen's generic kernels, and ``make check`` says so).
 - MKL's matrix products (every ``nn.Linear``) follow the CPU's vendor and
   model even at one ISA, and the alignment of their inputs in memory, which
   depends on what the process allocated before (so on which fits a worker
