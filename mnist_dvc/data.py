@@ -187,7 +187,7 @@ def load_optional_split(processed_dir: Path | str, split: str):
 FEEDBACK_LABELS = "labels.csv"
 FEEDBACK_HEADER = ("file", "label")
 FEEDBACK_NAME = re.compile(r"^[0-9a-f]{64}\.png$")
-PULL_FEEDBACK = "run `dvc pull data/feedback/pictures.dvc`"
+PULL_FEEDBACK = "run `git checkout data/feedback/pictures.dvc && dvc pull data/feedback/pictures.dvc`"
 
 
 def read_feedback_labels(folder: Path | str) -> dict[str, int]:

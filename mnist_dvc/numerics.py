@@ -103,7 +103,8 @@ def describe_cpu() -> dict[str, str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return info
-    fields = dict(line.split(":", 1) for line in text.splitlines()[:30] if ":" in line)
+    first_cpu = text.split("\n\n")[0]  # the same fields repeat for every core
+    fields = dict(line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)
     fields = {key.strip(): value.strip() for key, value in fields.items()}
     flags = set(fields.get("flags", "").split())
     info["vendor"] = fields.get("vendor_id", "?")

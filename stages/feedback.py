@@ -35,7 +35,7 @@ def files_recorded(dvc_file: Path) -> int:
         raise StageError(f"{dvc_file} is not a `dvc add` file ({exc}); restore it with git") from None
 
 
-def check_pulled(folder: Path, labels: dict[str, int]) -> None:
+def check_pulled(folder: Path, missing: list[str]) -> None:
     """StageError where ``folder``'s .dvc file is committed but its files are not all here.
 
     By then `dvc repro` has recorded the folder as it found it in the .dvc file
@@ -45,8 +45,7 @@ def check_pulled(folder: Path, labels: dict[str, int]) -> None:
     if not dvc_file.exists():
         return
     present = sum(1 for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
-    if (not (folder / FEEDBACK_LABELS).is_file() or missing_feedback(folder, labels)
-            or present < files_recorded(dvc_file)):
+    if not (folder / FEEDBACK_LABELS).is_file() or missing or present < files_recorded(dvc_file):
         raise StageError(f"{dvc_file} is committed but its data is not here: run "
                          f"`git checkout {dvc_file} && dvc pull {dvc_file}`")
 
@@ -62,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     if folder.exists() and not folder.is_dir():
         raise StageError(f"{folder} is a file, not a folder of collected pictures: move it away")
     labels = read_feedback_labels(folder)
-    check_pulled(folder, labels)
     missing = missing_feedback(folder, labels)
+    check_pulled(folder, missing)
     if missing:
         raise StageError(f"{folder / FEEDBACK_LABELS} lists {len(missing)} pictures that are not in {folder} "
                          f"(the first: {missing[0]}): remove their lines or restore the files")

@@ -45,7 +45,7 @@ def read_at(path: str, rev: str | None) -> str:
 
 def entries(stage: dict, kind: str) -> dict[str, str]:
     """``{path: hash}`` of a lock entry's ``deps`` or ``outs``."""
-    return {item["path"]: item.get("md5") or item.get("hash", "") for item in stage.get(kind, [])}
+    return {item["path"]: item.get("md5") for item in stage.get(kind, [])}
 
 
 def changed_inputs(old: dict, new: dict) -> list[str]:
