@@ -4,31 +4,13 @@
     python -m mnist_dvc.apps.promote --rollback [VERSION] [--stage prod] [--message WHY]
     make promote REV=HEAD        make rollback
 
-REV is a commit, branch or tag, or a DVC experiment's name (first made a
-branch, ``promote/<name>``, with ``dvc exp branch``: a version is a git tag,
-and a tag needs a commit). The four model artifacts of dvc.yaml are
-registered together as one version (mnist_dvc/apps/registry.py says why), then
-checked:
+REV is a commit, branch, tag or DVC experiment (first made the branch ``promote/<name>``:
+a version is a git tag, and a tag needs a commit). The four artifacts are registered as
+one version, then checked (lock, fetch/push, onnx, metrics; accuracy and feedback against
+the stage's version, with a comparison report): docs/registry.md has the table. The stage
+moves only if every check passes, or with ``--force --message WHY``, recorded in the tags.
 
-- ``lock``: the commit's dvc.lock matches it (the code and params each model
-  stage recorded are the commit's, and so are its metrics files): what is
-  promoted is what that commit's ``dvc repro`` made;
-- ``fetch``: the four files can be read at the commit (DVC cache or remote),
-  and, where a DVC remote is configured, from the remote alone;
-- ``onnx``: each ONNX copy agrees with PyTorch (metrics/export.json);
-- against the version in the stage (none on a first promotion): each model's
-  MNIST test accuracy falls by at most ``promote.max_drop`` (the workspace's
-  params.yaml, never the candidate's), and ``feedback_accuracy``, where both
-  have one, does not fall.
-
-The comparison is written with the report (``reports/promote-mlp-pytorch-<version>/``;
-none on a first promotion, which has nothing to compare with).
-Only if every check passes (or ``--force --message WHY``, recorded in the
-tags) does the stage move: one new GTO tag per artifact. Otherwise it exits 1,
-one line per failed check, and no stage tag is made. ``--rollback`` assigns
-the stage to the version it held before (or VERSION) in one step.
-
-Exit status: 0 promoted; 1 refused by the gate; 2 a usage or registry error.
+Exit status: 0 promoted; 1 refused by the gate (one ``failed:`` line per check); 2 a usage or registry error.
 """
 
 from __future__ import annotations
@@ -38,17 +20,18 @@ import contextlib
 import hashlib
 import io
 import json
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from gto.constants import name_re
+from gto.exceptions import GTOException
 from ruamel.yaml import YAML
 
-from mnist_dvc.apps.registry import (ARTIFACTS, LEAD, RegistryError, Release, assign_group, fetch_release, git,
-                                     one_line, register_group, release_in_stage, release_of, remote_configured,
-                                     resolve_commit, sha256_of, stage_history)
+from mnist_dvc.apps.registry import (ARTIFACTS, LEAD, RegistryError, Release, assign_group, fetch_release, one_line,
+                                     register_group, release_in_stage, release_of, sha256_of, stage_history)
+from mnist_dvc.params import load_section
 from mnist_dvc.stage import StageError
 
 MODELS = ("manual", "skorch")  # the keys of metrics/evaluate.json and metrics/export.json
@@ -56,36 +39,28 @@ MODEL_STAGES = ("train", "fit", "evaluate", "export")  # the stages that make th
 ONNX_MAX_ABS_DIFF = 1e-4  # the export stage's own bound (stages/export.py)
 
 
-class Refused(Exception):
-    """A usage or registry problem that stops promote before any check (exit 2)."""
+def git(root: Path, *args: str) -> bytes | None:
+    """The stdout of ``git args`` in ``root``, None where git fails (no such revision or file)."""
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True)
+    return result.stdout if result.returncode == 0 else None
 
 
-# --- reading a revision ----------------------------------------------------------------
-
-def file_at(root: Path, commit: str, path: str) -> str | None:
-    """The text of a git-tracked ``path`` at ``commit``, None where it has none."""
-    try:
-        return git(root, "show", f"{commit}:{path}")
-    except RegistryError:
-        return None
+def resolve_commit(root: Path, rev: str) -> str | None:
+    """The full hash of the commit ``rev`` names, None where git knows no such revision."""
+    commit = git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    return commit.decode().strip() if commit else None
 
 
 def json_at(root: Path, commit: str, path: str) -> dict | None:
-    text = file_at(root, commit, path)
+    text = git(root, "show", f"{commit}:{path}")
     try:
         return json.loads(text) if text is not None else None
     except ValueError:
         return None
 
 
-def blob_md5(root: Path, commit: str, path: str) -> str | None:
-    """The md5 of ``path``'s bytes at ``commit`` (as dvc.lock records a file), None where git has none."""
-    result = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True)
-    return hashlib.md5(result.stdout).hexdigest() if result.returncode == 0 else None
-
-
 def candidate_commit(root: Path, rev: str) -> str:
-    """The commit REV names; an experiment becomes the branch ``promote/<name>`` first. Raises Refused."""
+    """The commit REV names; an experiment becomes the branch ``promote/<name>`` first. Raises RegistryError."""
     commit = resolve_commit(root, rev)
     if commit:
         return commit
@@ -94,7 +69,7 @@ def candidate_commit(root: Path, rev: str) -> str:
                             cwd=root, capture_output=True, text=True)
     commit = resolve_commit(root, branch) if result.returncode == 0 else None
     if not commit:
-        raise Refused(f"{rev!r} is neither a git revision nor a DVC experiment (git log, dvc exp show)")
+        raise RegistryError(f"{rev!r} is neither a git revision nor a DVC experiment (git log, dvc exp show)")
     print(f"experiment {rev} is now the branch {branch} ({commit[:7]})")
     return commit
 
@@ -103,11 +78,12 @@ def candidate_commit(root: Path, rev: str) -> str:
 
 def check_lock(root: Path, commit: str) -> list[str]:
     """The commit's dvc.lock records, for each model stage, the commit's code, params and metrics."""
-    text = file_at(root, commit, "dvc.lock")
+    text = git(root, "show", f"{commit}:dvc.lock")
     if text is None:
         return [f"lock: {commit[:7]} has no dvc.lock: run `dvc repro` and commit its results"]
-    stages = (load_yaml(text) or {}).get("stages", {})
-    params = load_yaml(file_at(root, commit, "params.yaml") or "") or {}
+    yaml = YAML(typ="safe", pure=True)  # YAML 1.2, as DVC reads params.yaml and writes dvc.lock
+    stages = (yaml.load(text) or {}).get("stages", {})
+    params = yaml.load(git(root, "show", f"{commit}:params.yaml") or b"") or {}
     # What one stage wrote, as the stages that read it recorded it: a model retrained but not evaluated differs.
     made = {entry["path"]: entry.get("md5") for stage in stages.values() for entry in stage.get("outs", [])}
     failed = []
@@ -118,7 +94,8 @@ def check_lock(root: Path, commit: str) -> list[str]:
             continue
         files = [entry for entry in [*stage.get("deps", []), *stage.get("outs", [])] if "md5" in entry]
         stale = [entry["path"] for entry in files if not entry["md5"].endswith(".dir")
-                 and (md5 := blob_md5(root, commit, entry["path"])) is not None and md5 != entry["md5"]]
+                 and (blob := git(root, "show", f"{commit}:{entry['path']}")) is not None
+                 and hashlib.md5(blob).hexdigest() != entry["md5"]]
         stale += [entry["path"] for entry in stage.get("deps", [])
                   if entry["path"] in made and made[entry["path"]] != entry.get("md5")]
         stale += [key for key, value in (stage.get("params") or {}).get("params.yaml", {}).items()
@@ -126,34 +103,22 @@ def check_lock(root: Path, commit: str) -> list[str]:
         if stale:
             failed.append(f"lock: {name} in dvc.lock at {commit[:7]} does not match {', '.join(stale[:3])}: "
                           "run `dvc repro` and commit dvc.lock with its results")
-    outs = {entry["path"] for stage in stages.values() for entry in stage.get("outs", [])}
-    missing = [path for path in ARTIFACTS.values() if path not in outs]
+    missing = [path for path in ARTIFACTS.values() if path not in made]
     if missing:
         failed.append(f"lock: dvc.lock at {commit[:7]} has no output {', '.join(missing)}: run `dvc repro` and commit")
     return failed
 
 
-def load_yaml(text: str):
-    """YAML 1.2, as DVC reads params.yaml and writes dvc.lock."""
-    return YAML(typ="safe", pure=True).load(text)
-
-
 def lookup(params: dict, dotted: str):
     """``params["a"]["b"]`` for "a.b" (a whole section for "a"), None where absent."""
-    node = params
     for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+        params = params.get(part) if isinstance(params, dict) else None
+    return params
 
 
 def check_onnx(export: dict | None, commit: str) -> list[str]:
-    """Each ONNX copy's argmax agrees everywhere and its logits within the export stage's bound.
-
-    export.json records either the difference measured (``max_abs_diff``) or the
-    bound the export stage checked it against (``max_abs_diff_allowed``).
-    """
+    """Each ONNX copy's argmax agrees everywhere and its logits within the export stage's bound (export.json
+    records either the difference measured, ``max_abs_diff``, or the bound checked, ``max_abs_diff_allowed``)."""
     if export is None:
         return [f"onnx: {commit[:7]} has no metrics/export.json: run `dvc repro export` and commit"]
     failed = []
@@ -191,13 +156,16 @@ def check_against(candidate: dict, current: dict, current_version: str, max_drop
 
 def check_fetch(root: Path, commit: str) -> tuple[list[str], dict[str, str]]:
     """The four files read at ``commit`` (and from the remote alone where one is configured); their sha256."""
+    from dvc.repo import Repo
+
     with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
         try:
             fetch_release(root, commit, Path(tmp) / "files", paths=tuple(ARTIFACTS.values()))
         except RegistryError as exc:
             return [f"fetch: {exc}: `dvc repro` or `dvc pull` it"], {}
         hashes = {path: sha256_of(Path(tmp) / "files" / path) for path in ARTIFACTS.values()}
-        remote = remote_configured(root)
+        with Repo(str(root)) as repo:
+            remote = repo.config["core"].get("remote")  # the one `dvc push` uses
         if remote:
             try:
                 fetch_release(root, commit, Path(tmp) / "remote", paths=tuple(ARTIFACTS.values()),
@@ -207,34 +175,26 @@ def check_fetch(root: Path, commit: str) -> tuple[list[str], dict[str, str]]:
     return [], hashes
 
 
-def write_report(root: Path, base: Release, version: str) -> tuple[list[str], Path]:
+def write_report(root: Path, base: Release, version: str) -> list[str]:
     """The comparison report of the stage's version and the candidate, by their version tags."""
     from mnist_dvc.apps import report
 
     out = Path("reports") / f"promote-{LEAD}-{version}"
     revisions = [f"{LEAD}@{base.version}", f"{LEAD}@{version}"]
     written = root / out / "report.html"
-    if written.is_file() and all(name in written.read_text(errors="replace") for name in revisions):
-        return [], out  # a version is one commit for good: the same two tags give the same report (--force after a refusal)
-    with contextlib.chdir(root), contextlib.redirect_stdout(io.StringIO()):  # its one line: promote prints its own
-        status = report.main([*revisions, "--out", str(out)])
-    return ([] if status == 0 else [f"report: could not write {out} (exit {status}; its error is above)"]), out
-
-
-# --- the command ----------------------------------------------------------------------------
-
-def max_drop(root: Path) -> float:
-    from mnist_dvc.params import load_section
-
-    try:
-        return load_section("promote", root / "params.yaml").max_drop
-    except StageError as exc:
-        raise Refused(str(exc)) from None
+    # A version is one commit for good: the same two tags give the same report (--force after a refusal).
+    if not (written.is_file() and all(name in written.read_text(errors="replace") for name in revisions)):
+        with contextlib.chdir(root), contextlib.redirect_stdout(io.StringIO()):  # its one line: promote prints its own
+            status = report.main([*revisions, "--out", str(out)])
+        if status != 0:
+            return [f"report: could not write {out} (exit {status}; its error is above)"]
+    print(f"comparison with {base.version}: {written}")
+    return []
 
 
 def promote(root: Path, rev: str, stage: str, force: bool, message: str | None) -> int:
     """Register, check, report and (if allowed) assign; the exit status."""
-    limit = max_drop(root)
+    limit = load_section("promote", root / "params.yaml").max_drop  # the workspace's: no candidate loosens its gate
     commit = candidate_commit(root, rev)
     current = release_in_stage(root, stage)
     evaluate = json_at(root, commit, "metrics/evaluate.json")
@@ -254,10 +214,7 @@ def promote(root: Path, rev: str, stage: str, force: bool, message: str | None) 
     # A first promotion has nothing to be compared with; a candidate whose own build fails its
     # checks (a stale lock, files that cannot be fetched) has no results worth comparing.
     if base and not any(line.startswith(("lock:", "metrics:", "fetch:")) for line in failed):
-        report_failed, out = write_report(root, base, version)
-        failed += report_failed
-        if not report_failed:
-            print(f"comparison with {base.version}: {root / out / 'report.html'}")
+        failed += write_report(root, base, version)
     if failed and not force:
         for line in failed:
             print(f"failed: {line}", file=sys.stderr)
@@ -281,11 +238,11 @@ def rollback(root: Path, stage: str, version: str | None, message: str | None) -
     if version is None:
         earlier = [v for v in stage_history(root, stage) if not current or v != current.version]
         if not earlier:
-            raise Refused(f"stage {stage!r} has held no other version to roll back to (gto show)")
+            raise RegistryError(f"stage {stage!r} has held no other version to roll back to (gto show)")
         version = earlier[0]
     target = release_of(root, version)
     if current and current.version == version:
-        raise Refused(f"{version} is already in {stage}")
+        raise RegistryError(f"{version} is already in {stage}")
     with tempfile.TemporaryDirectory(prefix="rollback-") as tmp:
         fetch_release(root, target.commit, Path(tmp), paths=tuple(ARTIFACTS.values()))  # can it still be served?
     note = (f"Roll back {stage} to {version} ({target.commit[:7]})"
@@ -297,7 +254,7 @@ def rollback(root: Path, stage: str, version: str | None, message: str | None) -
 
 def stage_name(text: str) -> str:
     """argparse type: a name GTO takes for a stage (letters, digits, - _ /; a letter or digit at each end)."""
-    if not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9-/_]*[a-zA-Z0-9])?", text):
+    if not name_re.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a stage name GTO takes (e.g. prod, staging)")
     return text
 
@@ -323,14 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.rollback:
             return rollback(root, args.stage, args.rev, args.message)
         return promote(root, args.rev, args.stage, args.force, args.message)
-    except (Refused, RegistryError) as exc:
+    except (RegistryError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # gto's own errors (a bad stage name, a tag that exists)
-        if type(exc).__module__.startswith("gto"):
-            print(f"error: gto: {one_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+    except GTOException as exc:  # gto's own errors (a bad stage name, a tag that exists)
+        print(f"error: gto: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
