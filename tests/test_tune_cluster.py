@@ -290,7 +290,7 @@ def warm_up(client: Client, worker: str):
 
 def test_workers_started_with_foreign_numeric_settings_still_reproduce_the_local_bytes(copy_project, start_cluster):
     # Workers started elsewhere, by someone else's environment: tune pins the stage's numerics on
-    # each of them before torch loads there (mnist_dvc/cluster.py, pin_numerics).
+    # each of them before torch loads there (mnist_dvc/cluster.py, prepare_workers).
     repo = copy_project()
     cluster = start_cluster(workers=2, env={"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AUTO",
                                             "ONEDNN_MAX_CPU_ISA": "SSE41", "OMP_NUM_THREADS": "2",
