@@ -1,12 +1,6 @@
-"""The shared MLP as a skorch ``NeuralNetClassifier``, with two small extensions.
+"""The shared MLP as a skorch ``NeuralNetClassifier``, with its batch iterator and DVCLive callback.
 
-- ``TensorBatches``: a skorch iterator that slices whole batches out of
-  in-memory tensors in the order of a seeded permutation, and augments
-  training batches with the same ``augment_batch`` call as the explicit loop.
-  skorch's default, a ``DataLoader`` over a ``Dataset``, indexes and collates
-  one sample at a time, which costs more than the arithmetic of this small MLP.
-- ``DvcLiveLogger``: DVCLive has no skorch integration, so this callback logs
-  each epoch's history row (train/loss, val/loss, val/accuracy) to DVCLive.
+Why a batch iterator of its own and why ``CrossEntropyLoss``: docs/design.md.
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ from skorch.helper import predefined_split
 from torch import nn
 
 from mnist_dvc.augment import augment_batch, augment_generator
-from mnist_dvc.data import N_CLASSES
 from mnist_dvc.model import (
     MLP,
     OPTIMIZERS,
@@ -34,19 +27,16 @@ from mnist_dvc.model import (
 
 
 class TensorBatches:
-    """Iterate ``(X, y)`` batches of a skorch ``Dataset`` holding tensors.
+    """``(X, y)`` batches sliced out of a skorch ``Dataset``'s tensors, as the explicit loop slices them.
 
-    With ``shuffle``, each iteration (epoch) draws a new permutation from
-    ``generator``; the same generator object lives in the net's parameters,
-    so the batch order is seeded, differs between epochs, and never touches
-    torch's global RNG. ``augment`` = (shift, rotate) augments each batch
-    with draws from ``augment_generator`` (the training iterator only).
+    With ``shuffle``, each epoch draws a new permutation from ``generator`` (the net's own, never
+    torch's global RNG). ``augment`` = (shift, rotate) augments each batch with draws from
+    ``augment_generator`` (the training iterator only).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None,
                  augment: tuple[int, float] = (0, 0.0), augment_generator=None):
-        # scikit-learn (a Pipeline, GridSearchCV's folds) hands over numpy
-        # arrays: view them as tensors, without a copy, so batches are tensors.
+        # scikit-learn (a Pipeline, GridSearchCV's folds) hands over numpy arrays: tensor views, no copy.
         self.X = torch.as_tensor(dataset.X)
         self.y = None if dataset.y is None else torch.as_tensor(dataset.y)
         self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
@@ -67,12 +57,11 @@ class TensorBatches:
 
 
 class DvcLiveLogger(Callback):
-    """Log skorch's per-epoch history to DVCLive in ``live_dir``.
+    """Log skorch's per-epoch history to DVCLive in ``live_dir`` (DVCLive has no skorch integration).
 
-    The ``Live`` object is created in ``on_train_begin`` and closed in
-    ``on_train_end``, never in ``__init__``, so the net stays clonable and
-    picklable between fits. With ``resume`` (``set_params(callbacks__DvcLiveLogger__resume=True)``
-    before a ``partial_fit``) it continues the steps already logged there.
+    ``Live`` exists only during a fit, so the net stays clonable and picklable. With ``resume``
+    (``set_params(callbacks__DvcLiveLogger__resume=True)`` before a ``partial_fit``) it continues
+    the steps already logged there.
     """
 
     KEYS = {"train_loss": "train/loss", "valid_loss": "val/loss", "valid_acc": "val/accuracy"}
@@ -83,7 +72,6 @@ class DvcLiveLogger(Callback):
     def on_train_begin(self, net, **kwargs):
         from dvclive import Live  # imported where used: tune's fits never log
 
-        # resume: a later partial_fit (fit's epochs on the corrections) goes on from the last step.
         self.live_ = Live(str(self.live_dir), dvcyaml=None, save_dvc_exp=False, resume=self.resume)
 
     def on_epoch_end(self, net, **kwargs):
@@ -105,31 +93,14 @@ class StopWhenDiverged(Callback):
         check_finite_loss(net.history[-1, "train_loss"], len(net.history))
 
 
-def module_params(model_params, seed: int = 0) -> dict:
-    """The ``module__*`` arguments that build the MLP of the ``model:`` section."""
-    return {
-        "module__hidden": list(model_params.hidden),
-        "module__activation": model_params.activation,
-        "module__dropout": model_params.dropout,
-        "module__seed": seed,
-    }
-
-
 def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val_split=None, n_train=None,
               callbacks=(), **overrides):
     """A ``NeuralNetClassifier`` of the shared MLP with the ``train:`` hyperparameters.
 
-    ``val_split`` is the preprocess validation split ``(images, labels)``,
-    used as skorch's validation set via ``predefined_split``; without one,
-    ``train_split=None``. skorch's default would instead hold out a random
-    20% of the training data, silently training on less than the loop does.
-    A ``train.schedule`` other than constant (or a warm-up) adds skorch's
-    ``LRScheduler`` stepped every batch, whose length needs ``n_train``, the
-    number of training images. ``train.augment`` augments the training batches.
+    ``val_split``: preprocess's validation split ``(images, labels)``, or None: no validation, where
+    skorch's default would silently hold out 20% of the training data. A ``train.schedule`` other
+    than constant (or a warm-up) needs ``n_train``, the number of training images.
     """
-    train_split = None
-    if val_split is not None and len(val_split[0]):
-        train_split = predefined_split(Dataset(*val_split))
     callbacks = list(callbacks)
     if needs_scheduler(train_params):
         callbacks.insert(0, ("lr_schedule", LRScheduler(
@@ -137,13 +108,11 @@ def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val
             total_steps=schedule_steps(train_params, n_train))))
     params = dict(
         module=MLP,
-        **module_params(model_params, seed),
-        # The module returns raw logits. skorch's default criterion for a
-        # classifier is NLLLoss, and for it skorch's get_loss takes the log of
-        # the module's output, which it expects to be probabilities: the log
-        # of a negative logit is NaN, so train_loss is nan from the first
-        # batch and the net never learns (chance-level accuracy).
-        # CrossEntropyLoss applies log-softmax to the logits itself.
+        module__hidden=list(model_params.hidden),
+        module__activation=model_params.activation,
+        module__dropout=model_params.dropout,
+        module__seed=seed,
+        # The module returns logits: skorch's default NLLLoss would take their log, NaN (docs/design.md).
         criterion=nn.CrossEntropyLoss,
         optimizer=OPTIMIZERS[train_params.optimizer],
         lr=train_params.lr,
@@ -156,7 +125,7 @@ def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val
         iterator_train__augment_generator=augment_generator(seed),
         iterator_valid=TensorBatches,
         callbacks=callbacks,
-        train_split=train_split,
+        train_split=predefined_split(Dataset(*val_split)) if val_split is not None and len(val_split[0]) else None,
         device=device,
         # Only tensors are ever loaded: load_params refuses pickled code.
         torch_load_kwargs={"weights_only": True},
@@ -164,23 +133,3 @@ def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val
     params.update({f"optimizer__{k}": v for k, v in optimizer_kwargs(train_params).items()})
     params.update(overrides)
     return NeuralNetClassifier(**params)
-
-
-def load_net(model_params, params_path, batch_size: int = 1000) -> NeuralNetClassifier:
-    """A net for prediction, its module's weights loaded from ``save_params`` output.
-
-    ``load_params`` goes through ``torch.load(..., weights_only=True)``
-    (``torch_load_kwargs`` in ``build_net``): tensors only, no pickled code.
-    """
-    net = NeuralNetClassifier(
-        MLP,
-        **module_params(model_params),
-        criterion=nn.CrossEntropyLoss,
-        classes=list(range(N_CLASSES)),
-        batch_size=batch_size,
-        iterator_valid=TensorBatches,
-        torch_load_kwargs={"weights_only": True},
-    )
-    net.initialize()
-    net.load_params(f_params=str(params_path))
-    return net

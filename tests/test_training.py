@@ -15,7 +15,7 @@ from helpers import committed_params_file, sections_with
 from mnist_dvc.data import load_split
 from mnist_dvc.model import MLP, build_mlp, load_mlp, load_trained, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
-from mnist_dvc.skorch_net import build_net, load_net
+from mnist_dvc.skorch_net import build_net
 from mnist_dvc.stage import StageError
 from stages import evaluate as evaluate_stage
 from stages import fit as fit_stage
@@ -187,7 +187,9 @@ def test_saved_models_reload_with_weights_only_and_predict_identically(prepared)
     assert torch.equal(loop_logits, predict_logits(load_mlp(model_params, manual_path), test_images, 100))
     # skorch's own loader and load_mlp (evaluate, predict and export use it) read
     # skorch's save_params file as the same weights: bit-identical logits.
-    net = load_net(model_params, skorch_path)
+    net = build_net(model_params, load_section("train"), seed=0, batch_size=1000, classes=list(range(10)))
+    net.initialize()
+    net.load_params(f_params=str(skorch_path))  # torch.load with weights_only=True (build_net's torch_load_kwargs)
     skorch_logits = net.forward(test_images)
     assert torch.equal(skorch_logits, predict_logits(load_mlp(model_params, skorch_path), test_images, 100))
     assert torch.equal(skorch_logits, loop_logits)  # both trainings learnt the same weights
