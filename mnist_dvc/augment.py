@@ -1,20 +1,8 @@
 """Random shifts and rotations of a training batch, as tensor operations on the whole batch.
 
-Both trainings call ``augment_batch`` on every training batch, with their own
-``torch.Generator`` seeded the same way (``augment_generator``): the explicit
-loop in stages/train.py, skorch through ``TensorBatches`` in skorch_net.py.
-So ``train`` and ``fit`` see the same augmented images, and stay bit-identical.
-
-- A shift moves each image by a whole number of pixels drawn uniformly from
-  ``[-shift, shift]`` in each direction (what slides out is lost, what slides
-  in is background): exact, by indexing a zero-padded copy.
-- With ``rotate`` > 0, each image is also turned by an angle drawn uniformly
-  from ``[-rotate, rotate]`` degrees about its centre, and the shift is
-  applied in the same resampling (``affine_grid`` + bilinear ``grid_sample``).
-
-Labels never change: a 6 turned by at most a few tens of degrees is still a 6.
-With ``shift == 0`` and ``rotate == 0`` the batch is returned as it is and
-the generator is not touched.
+Both trainings call ``augment_batch`` on every training batch with a generator from
+``augment_generator``, so they stay bit-identical. A shift (whole pixels, background slides in)
+is exact; a rotation resamples bilinearly, the shift included. Labels never change.
 """
 
 from __future__ import annotations
@@ -34,8 +22,10 @@ def augment_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator, shift: int = 0, rotate: float = 0.0) -> torch.Tensor:
-    """``images`` (B, H, W), each shifted by up to ``shift`` px and turned by up to ``rotate`` degrees."""
+def augment_batch(images: torch.Tensor, generator: torch.Generator, shift: int = 0,
+                  rotate: float = 0.0) -> torch.Tensor:
+    """``images`` (B, H, W), each shifted by up to ``shift`` px and turned by up to ``rotate`` degrees
+    (uniform draws); with neither, the batch as it is, and the generator untouched."""
     if not shift and not rotate:
         return images
     n = len(images)
@@ -52,8 +42,7 @@ def _shift(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tenso
     padded = F.pad(images, (pad, pad, pad, pad)).reshape(n, -1)
     rows = torch.arange(height, device=images.device)[None, :] - offsets[0][:, None] + pad  # (B, H)
     cols = torch.arange(width, device=images.device)[None, :] - offsets[1][:, None] + pad  # (B, W)
-    # One gather over the flattened padded images: 15x faster than advanced
-    # indexing with three index tensors, which also slows down badly with 2 threads.
+    # One gather over the flattened padded images: far faster than advanced indexing (docs/performance.md).
     index = (rows[:, :, None] * (width + 2 * pad) + cols[:, None, :]).reshape(n, -1)
     return padded.gather(1, index).reshape(n, height, width)
 

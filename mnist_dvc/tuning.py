@@ -1,11 +1,7 @@
-"""The tune stage's subset, and what its grid search sends to the processes that run its fits.
+"""The tune stage's subset, and what its grid search pickles to the processes that run its fits.
 
-GridSearchCV pickles the Pipeline (this module's ``scale_and_flatten``, the
-skorch net with this module's ``ReproducibleFit``) to each process that runs a
-fit: a local joblib worker, or a Dask worker on another machine that has the
-project's dependencies but not this checkout. So all of it lives in
-``mnist_dvc``, which ``mnist_dvc.cluster`` ships to Dask workers; nothing
-comes from ``stages/``.
+They may be Dask workers without this checkout, so it lives in ``mnist_dvc`` (which
+``mnist_dvc.cluster`` ships to them), never in ``stages/``.
 """
 
 from __future__ import annotations
@@ -32,13 +28,9 @@ def stratified_subset(images, labels, size: int, seed: int):
 
 
 class ReproducibleFit(Callback):
-    """Before each fit, in whichever process runs it, pin torch's threads and
-    denormal handling and check its CPU numerics (``configure_torch``, with
-    ``cpu_numerics``: params.yaml ``numerics.cpu``), so that a fit's result depends
-    neither on where it runs (one process, local workers, a Dask cluster) nor
-    on the order of the fits. Every draw of a fit comes from the net's own
-    seeded generators (init, batch order, dropout); torch's global RNG is
-    seeded too, as a guard for any draw that would not."""
+    """Before each fit, wherever it runs, ``configure_torch`` (threads, denormals, a check of ``cpu_numerics``):
+    a fit's result depends neither on its process nor on the order of the fits. Its draws come from the
+    net's own generators; torch's global RNG is seeded too, as a guard for any draw that would not."""
 
     def __init__(self, threads: int = 1, seed: int = 0, cpu_numerics: str | None = None):
         self.threads, self.seed, self.cpu_numerics = threads, seed, cpu_numerics

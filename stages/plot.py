@@ -1,16 +1,13 @@
 """plot: the pictures people would rather look at than read, as PNGs.
 
 In:  metrics/{train,fit}/plots/ (per-epoch curves); metrics/evaluate.json;
-     metrics/predictions/{manual,skorch}.csv; data/processed/test_images.npy;
-     params.yaml ``plot``.
+     metrics/predictions/{manual,skorch}.csv; data/processed/test_images.npy; params.yaml ``plot``.
 Out: plots/loss_curves.png         training loss (and validation accuracy) per epoch, both trainings
      plots/confusion_matrices.png  a heatmap per model
      plots/misclassified.png       test digits the explicit loop's model got wrong
      plots/accuracy.png            test accuracy, explicit loop vs skorch
 
-Fixed figure sizes, drawn and saved through mnist_dvc/figures.py (headless,
-bundled font, no timestamp): the same inputs give the same bytes. Drawing
-needs no torch, so this stage never imports it.
+Drawn through mnist_dvc/figures.py: the same inputs give the same bytes. No torch import.
 """
 
 from __future__ import annotations
@@ -60,8 +57,7 @@ def read_evaluation(path: Path) -> dict:
 
 
 def read_predictions(path: Path, labels: np.ndarray) -> np.ndarray:
-    """The predicted labels in evaluate's CSV: one row per test image, its label (``labels``),
-    then a prediction in 0..9."""
+    """The predictions in evaluate's CSV, whose rows are (actual: ``labels``, predicted in 0..9)."""
     try:
         with warnings.catch_warnings():  # an empty file: refused below, not warned about
             warnings.simplefilter("ignore", UserWarning)
@@ -108,8 +104,7 @@ def loss_curves(live_dirs: dict[str, Path]):
 
 
 def confusion_matrices(predictions: dict[str, tuple[np.ndarray, np.ndarray]]):
-    # Drawn with matplotlib alone: scikit-learn's ConfusionMatrixDisplay would
-    # cost this stage 0.66 s of imports (sklearn.metrics), two thirds of its start-up.
+    # matplotlib alone: scikit-learn's ConfusionMatrixDisplay costs more in imports (docs/performance.md).
     fig, axes = plt.subplots(1, len(predictions), figsize=(6 * len(predictions), 5.5))
     for ax, (name, (actual, predicted)) in zip(axes, predictions.items()):
         counts = confusion_counts(actual, predicted)
@@ -140,12 +135,10 @@ def misclassified(images, actual, predicted, other_predicted, count: int):
 
 def accuracy_bars(metrics: dict):
     fig, ax = plt.subplots(figsize=(5, 4))
-    names = list(TRAININGS)
-    values = [metrics[n]["accuracy"] for n in names]
-    bars = ax.bar([TRAININGS[n] for n in names], values, color=["tab:blue", "tab:orange"])
+    values = [metrics[n]["accuracy"] for n in TRAININGS]
+    bars = ax.bar(list(TRAININGS.values()), values, color=["tab:blue", "tab:orange"])
     ax.bar_label(bars, labels=[f"{v:.4f}" for v in values])
-    low = min(values)
-    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_ylim(max(0.0, min(values) - 0.05), 1.0)
     ax.set(title="Test accuracy", ylabel="accuracy")
     fig.tight_layout()
     return fig
@@ -166,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
 
     save_png(loss_curves(live_dirs), args.out / "loss_curves.png", params.dpi)
     save_png(confusion_matrices(predictions), args.out / "confusion_matrices.png", params.dpi)
-    actual, predicted = predictions["manual"]
-    grid = misclassified(np.divide(images, 255, dtype=np.float32), actual, predicted, predictions["skorch"][1], params.misclassified)
+    grid = misclassified(np.divide(images, 255, dtype=np.float32), *predictions["manual"], predictions["skorch"][1],
+                         params.misclassified)
     save_png(grid, args.out / "misclassified.png", params.dpi)
     save_png(accuracy_bars(evaluation), args.out / "accuracy.png", params.dpi)
 

@@ -7,18 +7,10 @@ Out: metrics/tune.json             best_score, best_params (lr, hidden,
      metrics/tune_results.csv      one row per grid point: its parameters and CV scores
      metrics/tune_cv_accuracy.png  mean CV accuracy per grid point, std as error bars
 
-The Pipeline is [scale: uint8 images -> float32 in [0, 1], flattened] then
-[net: build_net's NeuralNetClassifier, whose comment says why it needs
-CrossEntropyLoss]. GridSearchCV clones it per grid point and fold. It only
-reports (refit=False): the fit stage trains the final model. Timings are
-printed, not written, so the same inputs give the same bytes.
-
-Where the fits run: ``tune.n_jobs`` local worker processes, or, when a Dask
-scheduler is given (``DASK_SCHEDULER_ADDRESS`` or ``--scheduler``), the
-workers of that cluster (mnist_dvc/cluster.py). Every fit uses
-``train.threads`` torch threads and seeds itself, so the outputs are
-byte-identical wherever the fits run. The address is not a DVC param:
-changing it reruns nothing.
+The Pipeline scales the uint8 images, then trains build_net's net; GridSearchCV only reports
+(refit=False), timings are printed, not written. The fits run in ``tune.n_jobs`` local processes,
+or on the Dask cluster given by ``--scheduler`` or ``DASK_SCHEDULER_ADDRESS`` (docs/cluster.md;
+not a DVC param), with byte-identical outputs either way.
 """
 
 from __future__ import annotations
@@ -50,14 +42,10 @@ GRID_KEYS = {"lr": "net__lr", "hidden": "net__module__hidden", "max_epochs": "ne
 
 def build_search(model_params, train_params, tune_params, cpu_numerics: str | None = None) -> GridSearchCV:
     """The Pipeline and the GridSearchCV over ``tune.grid``, unfitted; each fit checks ``cpu_numerics``."""
-    # Every fit uses train.threads threads, wherever it runs: CPU results are
-    # bit-identical for the same thread count, so n_jobs and the cluster never
-    # change them. (n_jobs x train.threads should not exceed the cores.)
-    # The grid varies epochs and width: it is searched with the tutorial's
-    # plain training (constant lr, no augmentation); train.schedule, warmup
-    # and augment apply to train and fit only.
-    plain = train_params.model_copy(update={"schedule": "constant", "warmup": 0.0,
-                                            "augment": train_params.augment.model_copy(update={"shift": 0, "rotate": 0.0})})
+    # Every fit uses train.threads threads wherever it runs (n_jobs x threads should not exceed the
+    # cores), and the tutorial's plain training: train.schedule, warmup and augment are train's and fit's.
+    augment = train_params.augment.model_copy(update={"shift": 0, "rotate": 0.0})
+    plain = train_params.model_copy(update={"schedule": "constant", "warmup": 0.0, "augment": augment})
     net = build_net(
         model_params, plain, seed=tune_params.seed, device=str(resolve_device(train_params.device)),
         batch_size=tune_params.batch_size, verbose=0,  # train_split stays None: the folds validate
@@ -71,15 +59,8 @@ def build_search(model_params, train_params, tune_params, cpu_numerics: str | No
 
 
 def default_signals() -> None:
-    """In a forked worker: SIGTERM ends the process, as it does by default.
-
-    A worker inherits the stage's SIGTERM handler (mnist_dvc/stage.py), which
-    turns the signal into an exception. When the pool ends its workers with
-    SIGTERM, that exception does not always end a worker (it can be caught
-    inside a task, or never reach a main thread blocked on the pool's lock),
-    and the pool waited for it forever: about once in ten runs on 2 busy cores.
-    Ctrl-C gets Python's own handler back too (KeyboardInterrupt).
-    """
+    """In a forked worker: Python's default SIGTERM and SIGINT handlers. The stage's turn SIGTERM into an
+    exception, which a task may catch: the pool, which ends its workers with SIGTERM, waited forever."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -87,13 +68,8 @@ def default_signals() -> None:
 def local_workers(device):
     """Where tune.n_jobs > 1 fits run on this machine: forked processes, on Linux, on the CPU.
 
-    A forked worker starts with torch, skorch and the data already in memory;
-    joblib's default (loky) starts fresh interpreters that first import them,
-    3-4 s each. At the default grid on 2 cores: n_jobs 1 took 15.2 s, loky
-    with n_jobs 2 14.1 s, forked workers 10.5 s, with byte-identical results.
-    Elsewhere (macOS, Windows: no safe fork), and when the fits run on a GPU
-    (a forked child cannot use CUDA once its parent has touched it), joblib's
-    default is kept: fresh processes.
+    They start with torch, skorch and the data in memory, where joblib's default (loky) imports them
+    again (docs/performance.md). Without a safe fork (macOS, Windows) or on a GPU: joblib's default.
     """
     if sys.platform != "linux" or device.type == "cuda":
         return contextlib.nullcontext()
@@ -102,8 +78,7 @@ def local_workers(device):
 
 
 def results_table(cv_results: dict, n_splits: int) -> list[dict]:
-    """One row per grid point with plain values, ``hidden`` as "128-64"; no
-    timing columns, which would differ between identical runs."""
+    """One row per grid point with plain values, ``hidden`` as "128-64"; no timing columns."""
     scores = ["mean_test_score", "std_test_score", "rank_test_score"] + [
         f"split{k}_test_score" for k in range(n_splits)]
     return [{"candidate": i, "lr": float(params["net__lr"]),
@@ -113,15 +88,14 @@ def results_table(cv_results: dict, n_splits: int) -> list[dict]:
             for i, params in enumerate(cv_results["params"])]
 
 
-def plot_scores(path: Path, rows: list[dict], title: str) -> None:
-    """Save mean CV accuracy per grid point, std as error bars, best in orange: a PNG without a timestamp."""
+def plot_scores(path: Path, rows: list[dict], best: int, title: str) -> None:
+    """Save mean CV accuracy per grid point, std as error bars, the ``best``-th in orange."""
     from mnist_dvc.figures import plt, save_png  # matplotlib: imported once the search is done
 
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 1.5), 4.5))
     x = np.arange(len(rows))
     means, stds = [r["mean_test_score"] for r in rows], [r["std_test_score"] for r in rows]
     ax.errorbar(x, means, yerr=stds, fmt="o", capsize=4, color="tab:blue")
-    best = min(range(len(rows)), key=lambda i: rows[i]["rank_test_score"])
     ax.errorbar([best], [means[best]], yerr=[stds[best]], fmt="o", capsize=4, color="tab:orange", label="best")
     ax.set_xticks(x, [f"lr={r['lr']:g}\nhidden={r['hidden']}\nepochs={r['max_epochs']}" for r in rows])
     ax.set(title=title, ylabel="CV accuracy (mean ± std over folds)")
@@ -169,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         "n_candidates": len(rows), "cv": tune_params.cv, "subset_size": len(labels),
     })
     write_csv(args.results, list(rows[0]), [list(row.values()) for row in rows])
-    plot_scores(args.plot, rows, f"{tune_params.cv}-fold CV accuracy on {len(labels)} training images")
+    plot_scores(args.plot, rows, top, f"{tune_params.cv}-fold CV accuracy on {len(labels)} training images")
 
 
 if __name__ == "__main__":
