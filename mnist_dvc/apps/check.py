@@ -3,80 +3,61 @@
     python -m mnist_dvc.apps.check [--rev HEAD] [--strict]
     make check
 
-Compares the workspace's dvc.lock, as `dvc repro` left it, with the one
-committed at ``--rev``: for each stage, whether its outputs have the same
-hashes. Where they differ, it says by how much (each model's test accuracy
-against the committed one, and how many test predictions differ) and the
-likely cause it can see: the stage's params or code changed since the commit,
-another copy of the dataset, or numerics that are not portable (params.yaml
-``numerics.cpu: native``, or a CPU outside x86-64, such as arm64).
-
-Exit status 1 where outputs differ that the portable numerics should have
-kept equal (same inputs, portable numerics, an x86-64 CPU), or, with
-``--strict`` (CI), where any output differs; 0 otherwise. The last line
-is a row for docs/reproducibility.md's table of CPUs.
+Compares the output hashes of the workspace's dvc.lock with those committed at ``--rev``; where they differ, says
+by how much and the likely cause (docs/reproducibility.md). Exit status 1 where outputs differ that the portable
+numerics should have kept equal, or with ``--strict`` (CI) where any does. The last line is the docs' CPU table row.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
+from pathlib import Path
 
+import dvc.api
 from ruamel.yaml import YAML
 
 from mnist_dvc import numerics
 
-LOCK = "dvc.lock"
 MODELS = ("manual", "skorch")  # metrics/evaluate.json's keys (mnist_dvc.model.TRAINED_BY, without importing torch)
 
 
 def read_at(path: str, rev: str | None) -> str:
     """The text of ``path`` at git revision ``rev`` (DVC's API), or in the workspace (None)."""
-    if rev is None:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    import dvc.api
-
-    return dvc.api.read(path, repo=".", rev=rev)
+    return Path(path).read_text(encoding="utf-8") if rev is None else dvc.api.read(path, repo=".", rev=rev)
 
 
-def entries(stage: dict, kind: str) -> dict[str, str]:
-    """``{path: hash}`` of a lock entry's ``deps`` or ``outs``."""
+def entries(stage: dict, kind: str) -> dict[str, object]:
+    """``{path: md5}`` of a lock entry's ``deps`` or ``outs``; ``{"params key": value}`` of its ``params``."""
+    if kind == "params":
+        return {f"params {key}": value for values in stage.get(kind, {}).values() for key, value in values.items()}
     return {item["path"]: item.get("md5") for item in stage.get(kind, [])}
 
 
-def changed_inputs(old: dict, new: dict) -> list[str]:
-    """The deps and params of one stage whose recorded values differ between two lock entries."""
-    deps_old, deps_new = entries(old, "deps"), entries(new, "deps")
-    changed = sorted(path for path in deps_old.keys() | deps_new.keys() if deps_old.get(path) != deps_new.get(path))
-    params_old = {k: v for values in old.get("params", {}).values() for k, v in values.items()}
-    params_new = {k: v for values in new.get("params", {}).values() for k, v in values.items()}
-    changed += sorted(f"params {key}" for key in params_old.keys() | params_new.keys()
-                      if params_old.get(key) != params_new.get(key))
-    return changed
+def changed(old: dict, new: dict, kind: str) -> list[str]:
+    """The ``entries`` of ``kind`` whose recorded values differ between two lock entries of a stage, sorted."""
+    before, after = entries(old, kind), entries(new, kind)
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
 
 
-def model_differences(rev: str) -> list[str]:
+def print_model_differences(rev: str) -> None:
     """Each model's test accuracy against the committed one, and how many test predictions differ."""
-    lines = []
     try:
         old, new = (json.loads(read_at("metrics/evaluate.json", r)) for r in (rev, None))
     except (OSError, ValueError) as exc:
-        return [f"  (metrics/evaluate.json cannot be compared: {exc})"]
+        print(f"  (metrics/evaluate.json cannot be compared: {exc})")
+        return
     for name in MODELS:
         path = f"metrics/predictions/{name}.csv"
         try:
-            before, after = (list(csv.reader(io.StringIO(read_at(path, r))))[1:] for r in (rev, None))
+            before, after = (read_at(path, r).splitlines()[1:] for r in (rev, None))  # under the header
             moved = f"{sum(a != b for a, b in zip(before, after)):,} of {len(after):,} test predictions differ"
         except (OSError, ValueError) as exc:
             moved = f"predictions not compared ({exc})"
         accuracy, committed = new[name]["accuracy"], old[name]["accuracy"]
-        lines.append(f"  {name}: test accuracy {accuracy:.4f}, committed {committed:.4f} "
-                     f"({accuracy - committed:+.4f}); {moved}")
-    return lines
+        print(f"  {name}: test accuracy {accuracy:.4f}, committed {committed:.4f} ({accuracy - committed:+.4f}); "
+              f"{moved}")
 
 
 def portable_here() -> tuple[bool, str]:
@@ -97,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 on any difference (for CI)")
     args = parser.parse_args(argv)
     yaml = YAML(typ="safe", pure=True)
-    committed, rebuilt = (yaml.load(read_at(LOCK, rev))["stages"] for rev in (args.rev, None))
+    committed, rebuilt = (yaml.load(read_at("dvc.lock", rev))["stages"] for rev in (args.rev, None))
     portable, why_not = portable_here()
     unexplained, differing = [], []
     # Where each rebuilt output differs from the committed one: a stage that reads it differs because of it.
@@ -114,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: same ({len(outs_new)} output{'s' * (len(outs_new) != 1)})")
             continue
         differing.append(name)
-        paths = sorted(path for path in outs_old.keys() | outs_new.keys() if outs_old.get(path) != outs_new.get(path))
-        inputs = changed_inputs(old, new)
+        inputs = changed(old, new, "deps") + changed(old, new, "params")
         upstream = sorted({made_by[path] for path in inputs if path in made_by})
         if inputs and len(upstream) == len({made_by.get(path) for path in inputs}):
             cause = "its inputs differ, rebuilt by " + ", ".join(upstream)
@@ -128,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cause = "the same inputs and portable numerics: this should not differ (please report it)"
             unexplained.append(name)
-        print(f"{name}: DIFFERENT {', '.join(paths)}; likely cause: {cause}")
+        print(f"{name}: DIFFERENT {', '.join(changed(old, new, 'outs'))}; likely cause: {cause}")
     if {"train", "fit", "evaluate"} & set(differing):
-        print("\n".join(model_differences(args.rev)))
+        print_model_differences(args.rev)
     cpu = numerics.describe_cpu()
     match = "match" if not differing else f"differs ({', '.join(sorted(differing))})"
     print(f"| {cpu.get('vendor', '?')} | {cpu.get('model', '?')} | {cpu.get('isa', cpu['machine'])} | "
