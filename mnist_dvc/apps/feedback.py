@@ -2,23 +2,9 @@
 
     python -m mnist_dvc.apps.serve --collect data/feedback/pictures [--collect-limit 10000]
 
-The folder's format (read by the feedback and preprocess stages,
-``mnist_dvc/data.py``):
-
-- ``<sha256 of the PNG's bytes>.png``: the model's 28x28 input, 8-bit
-  greyscale, white digit on black (``images.to_png`` of ``images.to_mnist``);
-- ``labels.csv``: header ``file,label``, one row per picture, sorted by file
-  name. Correcting a picture again replaces its label.
-
-File names come only from the content hash, never from the request. Each
-write goes to a temporary file renamed into place (the PNG first, then
-labels.csv), and every change to labels.csv is a read-modify-write under a
-``filelock.FileLock``, which holds between threads and between processes
-(two servers on one folder), on every OS. Its lock file lies in the system's
-temporary folder, not in the collection that DVC versions. A reader never
-sees a half-written file, and concurrent corrections never lose a row. At most
-``limit`` pictures are kept; a new one beyond that is refused (``StoreFull``),
-a relabel is still taken.
+The folder's format: docs/feedback.md. File names come only from the content
+hash, never from the request; every write is atomic, and labels.csv changes under
+a lock held between threads and processes: concurrent corrections never lose a row.
 """
 
 from __future__ import annotations

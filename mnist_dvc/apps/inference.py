@@ -1,41 +1,26 @@
 """Both trained models behind one call: 28x28 inputs in, each model's probabilities out.
 
-Used by the ``predict`` command and the web app. Two back ends, one answer:
-
-- PyTorch (default): ``models/mlp.pt`` (train) and ``models/skorch_params.pt``
-  (fit), state_dicts loaded with ``weights_only=True`` into the MLP that
-  params.yaml's ``model`` section describes;
-- ONNX Runtime (``onnx=True``): ``models/mlp.onnx`` and ``models/skorch.onnx``
-  from the export stage. This path never imports torch.
-
-The keys, ``manual`` and ``skorch``, are those of ``metrics/evaluate.json``.
-Probabilities are the softmax of the logits, computed in float64 so that
-each row sums to 1.
-
-``load_release``/``load_stage`` load the same models from a registry version
-instead (``serve --stage``, ``predict --stage``, docs/registry.md): fetched by
-DVC at the version's commit, checked against the sha256 its registration
-recorded, then loaded as above.
+Used by ``predict`` and the web app. PyTorch (default) loads the state_dicts
+with ``weights_only=True`` into the MLP that params.yaml describes; ONNX
+Runtime (``onnx=True``) runs the export stage's files and never imports torch.
+``load_release``/``load_stage`` load a registry version's models instead,
+fetched by DVC at its commit and checked against its sha256 (docs/registry.md).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import softmax
 
+from mnist_dvc.apps.registry import ARTIFACTS, Release, RegistryError, fetch_release, release_in_stage, sha256_of
 from mnist_dvc.data import IMAGE_SIDE
 from mnist_dvc.onnx_runtime import check_contract, onnx_session
 from mnist_dvc.stage import StageError
-
-if TYPE_CHECKING:
-    from mnist_dvc.apps.registry import Release
 
 MODELS = {
     # name: (state_dict file, ONNX file)
@@ -49,23 +34,23 @@ GET_MODELS = "run `dvc repro` to train them, or `dvc pull` if a DVC remote holds
 class Predictor:
     """Loaded models; ``probabilities(images)`` -> {name: float64 (N, 10)}."""
 
-    def __init__(self, root: Path | str = ".", onnx: bool = False, threads: int = 1):
+    def __init__(self, root: Path | str = ".", onnx: bool = False):
         self.root, self.onnx = Path(root), onnx
         self.files = {name: files[1 if onnx else 0] for name, files in MODELS.items()}  # relative to root
-        self.paths = {name: self.root / file for name, file in self.files.items()}
-        missing = [str(path) for path in self.paths.values() if not path.is_file()]
+        paths = {name: self.root / file for name, file in self.files.items()}
+        missing = [str(path) for path in paths.values() if not path.is_file()]
         if missing:
             raise StageError(f"{', '.join(missing)}: not found; {GET_MODELS}")
-        self._run = {name: (self._onnx_session if onnx else self._torch_model)(name, path, threads)
-                     for name, path in self.paths.items()}
+        self._run = {name: (self._onnx_session if onnx else self._torch_model)(name, path)
+                     for name, path in paths.items()}
 
-    def _torch_model(self, name: str, path: Path, threads: int):
+    def _torch_model(self, name: str, path: Path):
         import torch
 
         from mnist_dvc.model import load_trained
         from mnist_dvc.params import load_section
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)
         try:
             model = load_trained(name, load_section("model", self.root / "params.yaml"), path)
         except StageError as exc:
@@ -76,9 +61,9 @@ class Predictor:
                 return model(torch.from_numpy(images)).numpy()
         return run
 
-    def _onnx_session(self, name: str, path: Path, threads: int):
+    def _onnx_session(self, name: str, path: Path):
         try:
-            session = onnx_session(str(path), threads)
+            session = onnx_session(str(path))
         except Exception as exc:  # onnxruntime raises its own exception types for a bad file
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise StageError(f"{path}: not a usable ONNX model ({reason}); {GET_MODELS}") from None
@@ -91,10 +76,6 @@ class Predictor:
         # float64, so that each row sums to 1 to ~1e-15 (scipy is loaded anyway: images.py uses it)
         return {name: softmax(np.asarray(run(images), dtype=np.float64), axis=1) for name, run in self._run.items()}
 
-    def file_hashes(self) -> dict[str, str]:
-        """sha256 of each loaded model file, to say exactly which models answer."""
-        return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in self.paths.items()}
-
     def test_accuracy(self) -> dict[str, float | None]:
         """Each model's test accuracy from metrics/evaluate.json, None where unknown."""
         try:
@@ -106,31 +87,29 @@ class Predictor:
 
 def answer_of(probabilities: np.ndarray) -> dict:
     """One model's answer for one image: ``{"digit": int, "probabilities": [10 floats]}``."""
-    return {"digit": int(np.argmax(probabilities)), "probabilities": [float(p) for p in probabilities]}
+    return {"digit": int(np.argmax(probabilities)), "probabilities": probabilities.tolist()}
 
 
 @dataclass(frozen=True)
 class Served:
-    """A registry version, loaded: what answers, and what to say about it (``/api/model``)."""
+    """Loaded models and what to say about them (``/api/health``, ``/api/model``).
 
-    release: Release
-    stage: str
+    A registry version's, or the workspace's, which has no release and no stage.
+    """
+
+    release: Release | None
+    stage: str | None
     predictor: Predictor
-    sha256: dict[str, str]  # each of the four artifacts' files at that version, by path
+    sha256: dict[str, str | None]  # each of the four artifacts' files, by path; None where there is none
     accuracy: dict[str, float | None]
 
 
-def load_release(root: Path | str, release: Release, stage: str, onnx: bool = False, threads: int = 1) -> Served:
-    """The models of a registry version, read at its commit through DVC (cache, else remote), checked.
+def load_release(root: Path | str, release: Release, stage: str, onnx: bool = False) -> Served:
+    """The models of a registry version, fetched by DVC at its commit (cache, else remote). Raises StageError.
 
-    The files go to a temporary folder, are checked against the sha256 its
-    registration recorded, and loaded as ``Predictor`` loads the workspace's
-    (state_dicts with ``weights_only=True`` into the MLP of that commit's
-    params.yaml, their shapes checked; ONNX files against their contract); the
-    folder is removed once they are in memory. Raises StageError with the reason.
+    The files, in a temporary folder until they are loaded, must have the
+    sha256 the version's registration recorded.
     """
-    from mnist_dvc.apps.registry import ARTIFACTS, RegistryError, fetch_release, sha256_of
-
     with tempfile.TemporaryDirectory(prefix="mnist-dvc-release-") as tmp:
         try:
             fetch_release(Path(root), release.commit, Path(tmp))
@@ -140,15 +119,13 @@ def load_release(root: Path | str, release: Release, stage: str, onnx: bool = Fa
         wrong = [path for path, digest in release.sha256.items() if sha256.get(path, digest) != digest]
         if wrong:
             raise StageError(f"{', '.join(wrong)}: sha256 differs from the one recorded at registration")
-        predictor = Predictor(tmp, onnx=onnx, threads=threads)
+        predictor = Predictor(tmp, onnx=onnx)
         accuracy = predictor.test_accuracy()
     return Served(release, stage, predictor, sha256, accuracy)
 
 
-def load_stage(root: Path | str, stage: str, onnx: bool = False, threads: int = 1) -> Served:
+def load_stage(root: Path | str, stage: str, onnx: bool = False) -> Served:
     """The models of the version a GTO stage names (``predict --stage``). Raises StageError."""
-    from mnist_dvc.apps.registry import RegistryError, release_in_stage
-
     try:
         release = release_in_stage(Path(root), stage)
     except RegistryError as exc:
@@ -157,6 +134,6 @@ def load_stage(root: Path | str, stage: str, onnx: bool = False, threads: int = 
         raise StageError(f"no version is in stage {stage!r} of {root}: promote one first "
                          "(python -m mnist_dvc.apps.promote REV, docs/registry.md)")
     try:
-        return load_release(root, release, stage, onnx=onnx, threads=threads)
+        return load_release(root, release, stage, onnx=onnx)
     except StageError as exc:
         raise StageError(f"{release.version} ({release.commit[:7]}): {exc}") from None

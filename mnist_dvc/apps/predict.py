@@ -3,23 +3,13 @@
     python -m mnist_dvc.apps.predict IMAGE [IMAGE ...] [--json] [--save-input DIR] [--onnx] [--stage prod]
     make predict IMAGES="a.png b.jpg"
 
-Each picture (a photo, a scan, a drawing, a typeset digit; any polarity,
-position and size) becomes the 28x28 input the models were trained on
-(mnist_dvc/apps/images.py), then both models classify it:
-
-    my7.jpg: 7  (manual 0.98, skorch 0.98)
-
-``--json`` prints one JSON array instead, one object per picture in the order
-given: ``{"path", "manual": {"digit", "probabilities"}, "skorch": {...}}``, or
-``{"path", "error"}`` for a picture that cannot be used. ``--save-input DIR``
-writes the 28x28 input each picture became, as PNG. ``--onnx`` runs the
-export stage's ONNX files with ONNX Runtime instead of PyTorch. ``--stage
-prod`` uses the models of the version the registry's stage names, fetched by
-DVC at its commit, instead of the workspace's models/ (docs/registry.md); the
-version is printed to stderr first, and is each JSON object's ``model_version``.
-
-Exit status: 0 when every picture was classified, 1 when any was not (the
-others are still classified), 2 for a usage error.
+Each picture becomes the 28x28 input the models were trained on
+(mnist_dvc/apps/images.py), then both models classify it; one line each
+(``my7.jpg: 7  (manual 0.98, skorch 0.98)``) or, with ``--json``, one array.
+With ``--stage``, the version is printed to stderr first and is each answer's
+``model_version``. Exit status: 0 when every picture was classified, 1 when
+any was not (the others still are), 2 for a usage error. Options and output:
+docs/use-the-model.md.
 """
 
 from __future__ import annotations
@@ -49,16 +39,9 @@ def summary(path: str, answer: dict) -> str:
     return f"{path}: the models disagree: {details}"
 
 
-MAX_STEM_BYTES = 120  # of a picture's name in --save-input's file names: a legal name plus the
-# number and the temporary suffix must stay under the usual 255-byte limit
-
-
-def input_name(index: int, count: int, path: str) -> str:
-    """``<n>-<stem>.png`` for the ``index``-th of ``count`` pictures; a long stem is shortened."""
-    stem = Path(path).stem
-    while len(os.fsencode(stem)) > MAX_STEM_BYTES:
-        stem = stem[:-1]
-    return f"{index + 1:0{len(str(count))}d}-{stem}.png"
+# Of a picture's name in --save-input's file names: with the number and the temporary
+# suffix, a file name must stay under the usual 255-byte limit.
+MAX_STEM_BYTES = 120
 
 
 def writable_folder(value: str) -> Path:
@@ -76,13 +59,16 @@ def writable_folder(value: str) -> Path:
 
 
 def save_inputs(folder: Path, inputs: dict[int, np.ndarray], paths: list[str]) -> list[str]:
-    """Write each 28x28 input as ``<n>-<stem>.png``, numbered in the order given.
+    """Write each 28x28 input as ``<n>-<stem>.png``, numbered in the order given; a long stem is shortened.
 
     Returns one line per input that could not be written (the others are).
     """
     failed = []
     for index, image in inputs.items():
-        target = folder / input_name(index, len(paths), paths[index])
+        stem = Path(paths[index]).stem
+        while len(os.fsencode(stem)) > MAX_STEM_BYTES:
+            stem = stem[:-1]
+        target = folder / f"{index + 1:0{len(str(len(paths)))}d}-{stem}.png"
         try:
             with atomic_path(target) as tmp:
                 tmp.write_bytes(to_png(image))
@@ -91,8 +77,9 @@ def save_inputs(folder: Path, inputs: dict[int, np.ndarray], paths: list[str]) -
     return failed
 
 
-def classify(paths: list[str], predictor: Predictor) -> tuple[list[dict], dict[int, np.ndarray]]:
-    """One answer per path, in order; and the 28x28 input of each usable picture, by index."""
+def classify(paths: list[str], predictor: Predictor,
+             version: str | None = None) -> tuple[list[dict], dict[int, np.ndarray]]:
+    """One answer per path, in order (naming ``version``, if given); and each usable picture's 28x28 input."""
     answers: list[dict] = [{"path": path} for path in paths]
     inputs: dict[int, np.ndarray] = {}
     for index, path in enumerate(paths):
@@ -105,6 +92,8 @@ def classify(paths: list[str], predictor: Predictor) -> tuple[list[dict], dict[i
         for row, index in enumerate(inputs):
             for name, probs in probabilities.items():
                 answers[index][name] = answer_of(probs[row])
+            if version:
+                answers[index]["model_version"] = version
     return answers, inputs
 
 
@@ -136,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    answers, inputs = classify(args.images, predictor)
-    if version:
-        for answer in answers:
-            if "error" not in answer:
-                answer["model_version"] = version
+    answers, inputs = classify(args.images, predictor, version)
     failed = save_inputs(args.save_input, inputs, args.images) if args.save_input else []
     try:
         if args.json:

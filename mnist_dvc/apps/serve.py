@@ -5,51 +5,13 @@
                                    [--stage prod [--poll S]]
     make serve
 
-A FastAPI app on uvicorn. Both models are loaded once, at start-up (an
-``inference.Predictor``); without the model files the command stops before
-listening, with one line saying to run ``dvc repro`` or ``dvc pull``.
-With ``--stage``, the models are those of the version the GTO stage names,
-fetched by DVC at its commit (not the workspace's models/), and a ``Follower``
-swaps in the next version whenever the stage moves (docs/registry.md).
-
-- ``GET /``: the page (``mnist_dvc/apps/static/``: plain HTML, CSS and JavaScript,
-  nothing from the network);
-- ``POST /api/predict``: one picture, as the raw request body (``Content-Type:
-  image/...`` or ``application/octet-stream``) or, for ``curl -F file=@digit.png``,
-  as a form's ``file`` field; answers ``{"manual": {"digit", "probabilities"},
-  "skorch": {...}, "input": 28 rows of 28 floats}`` (``predict --json``'s answer
-  for a picture, without ``path``, plus the 28x28 input the models saw);
-- ``POST /api/feedback?label=N``: a correction, the same picture body as
-  ``/api/predict``, stored as its 28x28 input with label N in the ``--collect``
-  folder (``mnist_dvc/apps/feedback.py``, docs/feedback.md); 201 for a new
-  picture, 200 for one already stored (its label replaced), with ``{"file",
-  "label", "stored"}``. Without ``--collect`` nothing is stored: a 403 says
-  how to turn collection on. A missing or bad label is a 422, a full
-  collection (``--collect-limit``) a 409;
-- ``GET /api/health``: the backend, each model's file, sha256 and test
-  accuracy (metrics/evaluate.json), and ``collect``: the folder corrections
-  are saved in, or null (the page says so, and shows its buttons, only then);
-  ``token_required`` where ``--collect-token`` (or $MNIST_DVC_COLLECT_TOKEN) is
-  set: ``/api/feedback`` then answers 401, storing nothing, without
-  ``Authorization: Bearer <token>``. On an address other than loopback,
-  ``--collect`` refuses to start without a token;
-- ``GET /api/model``: each artifact's name, version, stage, commit and sha256,
-  and the registry's last error (``--stage``); with ``--stage`` every
-  ``/api/predict`` answer also names its ``model_version``.
-
-Bad input is answered with a 4xx and ``{"error": "one sentence"}``, never a
-500: a body over ``MAX_BODY`` bytes gets 413 (FastAPI's ``max_body_size``;
-a declared ``Content-Length`` is refused before any of the body is read), a
-body not complete after ``BODY_SECONDS`` 408, a picture ``to_mnist`` cannot
-use 422, an unsupported content type 415, a form without a file ``file`` 400.
-Connection limits and idle timeouts are uvicorn's (``limit_concurrency``
-answers a plain-text 503, ``timeout_keep_alive``).
-
-The CPU work of a request (``to_mnist``, ~1.9 times a bare decode and resize
-of a canvas PNG; both forward passes, ~0.1 ms each; the JSON) runs in worker
-threads, at most ``READERS`` at a time: two pictures are read on two cores
-while the event loop serves HTTP, and a burst of large uploads decodes only
-that many pictures at once, which bounds its memory.
+A FastAPI app on uvicorn: the page (``static/``), ``POST /api/predict``,
+``POST /api/feedback`` (with ``--collect``), ``GET /api/health`` and ``GET /api/model``.
+The models are loaded once, before listening; with ``--stage`` they are the
+version a GTO stage names, and a ``Follower`` swaps in the next one when the
+stage moves. Bad input gets a 4xx with ``{"error": "one sentence"}``, never a 500.
+Endpoints, answers and limits: docs/web-app.md; ``--stage`` and the collection
+token: docs/registry.md.
 """
 
 from __future__ import annotations
@@ -69,33 +31,35 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from pydantic import BaseModel
-
 from mnist_dvc.data import IMAGE_SIDE, N_CLASSES
 from mnist_dvc.apps.feedback import DEFAULT_LIMIT, FeedbackStore, StoreFull
 from mnist_dvc.apps.images import ImageError, to_mnist, to_png
-from mnist_dvc.apps.inference import MODELS, Predictor, Served, answer_of, load_release
+from mnist_dvc.apps.inference import Predictor, Served, answer_of, load_release
+from mnist_dvc.apps.registry import ARTIFACTS, RegistryError, release_of, sha256_of, version_in_stage
 from mnist_dvc.stage import StageError
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 2_000_000  # bytes: a canvas drawing is a few kB; the page shrinks big photos before sending
 TOO_LARGE = f"the request body is larger than the limit ({MAX_BODY:,} bytes)"
-# A body that is not complete after this long is answered 408 and its connection closed: a
-# client that stalls mid-upload (a phone off Wi-Fi, or on purpose) must not hold a connection
-# for good. uvicorn's timeouts cover idle connections between requests, not a stalled body.
-BODY_SECONDS = 30.0  # 2 MB at 67 kB/s
-READERS = 2  # worker threads reading pictures at once (see the module's docstring)
+# uvicorn's timeouts cover idle connections, not a body that stalls: a client that stops
+# mid-upload gets a 408 after this long, and its connection closed.
+BODY_SECONDS = 30.0
+# Worker threads reading pictures at once: two pictures are read on two cores while the event
+# loop serves HTTP, and a burst of large uploads decodes only that many, which bounds its memory.
+READERS = 2
 FILE_FIELD = "file"  # curl -F file=@digit.png
-POLL_SECONDS = 5.0  # --poll: how often --stage reads the registry (gto show's state, ~20 ms)
+POLL_SECONDS = 5.0  # --poll: how often --stage reads the registry
 TOKEN_ENV = "MNIST_DVC_COLLECT_TOKEN"  # the collection token, kept out of `ps` and shell history
 RAW_TYPES = ("image/", "application/octet-stream")
 NAMES = {"manual": "explicit PyTorch loop", "skorch": "skorch NeuralNetClassifier"}
@@ -114,100 +78,72 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 # --- the models a registry stage names (--stage) ---------------------------------------
 
 class Follower:
     """The models of the version a GTO stage names, swapped in whole when the stage moves.
 
-    ``current`` is replaced by one assignment, after the new models are loaded
-    and warmed up beside the old ones: a request takes ``current`` once, at its
-    start, and is answered wholly by that version, however long it takes; none
-    waits for a load. A version that cannot be fetched or fails its checks is
-    not swapped in: the old one keeps serving, one line says why, and
-    ``last_error`` keeps it for ``/api/model`` until a version loads.
+    ``current`` is replaced by one assignment once the new models are loaded and warm: a request
+    takes it once and is answered wholly by that version. A version that cannot be loaded is not
+    swapped in: the old one keeps serving, one line says why, ``last_error`` keeps it.
     """
 
-    def __init__(self, root: Path, stage: str, onnx: bool = False, log=None):
-        self.root, self.stage, self.onnx = Path(root), stage, onnx
+    def __init__(self, root: Path, stage: str, onnx: bool = False, log=to_stderr):
+        self.root, self.stage, self.onnx, self.log = Path(root), stage, onnx, log
         self.current: Served | None = None
         self.last_error: str | None = None
-        self._refused: tuple[str, str] | None = None  # (version, commit) logged as refused: once, not each poll
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))  # one line per event
+        self._refused: str | None = None  # the version (or the reason) refused and logged: once, not each poll
 
     def check(self) -> bool:
         """Read the registry; load and swap in the stage's version if it moved. True if it swapped."""
-        from mnist_dvc.apps.registry import RegistryError, release_of, version_in_stage
-
         served = self.current
         try:
             version = version_in_stage(self.root, self.stage)
             if version is None:
-                return self._refuse(("none", ""), f"no version is in stage {self.stage!r} (promote one first)")
+                return self._refuse(f"no version is in stage {self.stage!r} (promote one first)")
             if served and version == served.release.version:
                 self._refused = None  # back on the served version: a refused one is tried again if named again
                 return False  # a version is one commit for good: nothing moved
-            if self._refused and self._refused[0] == version:
+            if version == self._refused:
                 return False  # refused already, and said so once
             release = release_of(self.root, version)
-        except RegistryError as exc:
-            return self._refuse(("registry", ""), f"the registry cannot be read: {exc}")
-        except Exception as exc:  # gto's own errors, e.g. for a tag made by hand that it cannot parse
-            return self._refuse(("registry", ""), f"the registry cannot be read: {type(exc).__name__}: {exc}")
-        key = (release.version, release.commit)
+        except Exception as exc:  # a RegistryError, or gto's own, e.g. for a tag made by hand that it cannot parse
+            reason = str(exc) if isinstance(exc, RegistryError) else f"{type(exc).__name__}: {exc}"
+            return self._refuse(f"the registry cannot be read: {reason}")
         try:
             loaded = load_release(self.root, release, self.stage, onnx=self.onnx)
             warm_up(loaded.predictor)
         except StageError as exc:
-            return self._refuse(key, str(exc))
+            return self._refuse(str(exc), release)
         self.current, self.last_error, self._refused = loaded, None, None
         was = f", was {served.release.version}" if served else ""
         self.log(f"mnist-dvc: serving {release.version} ({release.commit[:7]}) of stage {self.stage}{was}")
         return True
 
-    def _refuse(self, key: tuple[str, str], reason: str) -> bool:
-        version, commit = key
-        self.last_error = f"{version} ({commit[:7]}): {reason}" if commit else reason
+    def _refuse(self, reason: str, release=None) -> bool:
+        """Keep serving what is served; ``last_error`` says why, and one line says it once."""
+        self.last_error = f"{release.version} ({release.commit[:7]}): {reason}" if release else reason
+        key = release.version if release else reason
         if key != self._refused:
             self._refused = key
             still = f"; still serving {self.current.release.version}" if self.current else ""
-            what = f"not serving {self.last_error}" if commit else f"cannot follow stage {self.stage!r}: {reason}"
+            what = f"not serving {self.last_error}" if release else f"cannot follow stage {self.stage!r}: {reason}"
             self.log(f"mnist-dvc: {what}{still}")
         return False
 
-    def follow(self, every: float, stop: threading.Event) -> threading.Thread:
+    def follow(self, every: float, stop: threading.Event) -> None:
         """Check the registry every ``every`` seconds in a daemon thread, until ``stop`` is set."""
         def loop():
             while not stop.wait(every):
                 try:
                     self.check()
                 except Exception as exc:  # a bug, not a bad version: say it, keep serving, keep following
-                    self._refuse(("check", ""), f"the registry check failed: {type(exc).__name__}: {exc}")
-        thread = threading.Thread(target=loop, name=f"follow-{self.stage}", daemon=True)
-        thread.start()
-        return thread
-
-
-def model_state(predictor: Predictor | None, follower: Follower | None) -> dict:
-    """``GET /api/model``: each artifact's name, version, stage, commit and the sha256 of its file."""
-    from mnist_dvc.apps.registry import ARTIFACTS, sha256_of
-
-    served = follower.current if follower else None
-    if served is None:  # the workspace's models/: no version, stage or commit to name
-        files = {path: (predictor.root / path) for path in ARTIFACTS.values()}
-        sha256 = {path: (sha256_of(file) if file.is_file() else None) for path, file in files.items()}
-        release, stage, in_use = None, None, set(predictor.files.values())
-    else:
-        sha256, release, stage = served.sha256, served.release, served.stage
-        in_use = set(served.predictor.files.values())
-    return {
-        "stage": stage,
-        "version": release.version if release else None,
-        "commit": release.commit if release else None,
-        "last_error": follower.last_error if follower else None,
-        "artifacts": [{"name": name, "version": release.version if release else None, "stage": stage,
-                       "commit": release.commit if release else None, "path": path, "sha256": sha256[path],
-                       "in_use": path in in_use} for name, path in ARTIFACTS.items()],
-    }
+                    self._refuse(f"the registry check failed: {type(exc).__name__}: {exc}")
+        threading.Thread(target=loop, name=f"follow-{self.stage}", daemon=True).start()
 
 
 # --- the answers' shapes, for the OpenAPI schema (/api/openapi.json) -----------------------
@@ -283,10 +219,7 @@ async def upload(request: Request) -> bytes:
 
 
 def model_input(data: bytes) -> np.ndarray:
-    """A picture's bytes as the models' 28x28 input (/api/predict and /api/feedback alike).
-
-    Raises HTTPException(422) with the reason for a picture ``to_mnist`` cannot read.
-    """
+    """A picture's bytes as the models' 28x28 input; HTTPException(422) with the reason if unusable."""
     try:
         return to_mnist(data)
     except ImageError as exc:
@@ -296,11 +229,8 @@ def model_input(data: bytes) -> np.ndarray:
 def refuse_declared_oversize(app: FastAPI):
     """``app`` behind one check: a declared ``Content-Length`` over MAX_BODY gets the JSON 413 at once.
 
-    FastAPI's ``max_body_size`` refuses such a request too, but with Starlette's
-    plain-text "Content Too Large", sent past the app's exception handlers; a
-    body without a length is counted by FastAPI, and its 413 comes through ``http_error``.
-    The connection stays open: uvicorn reads and drops the rest of the body, so
-    that a client that sends it all before reading still gets the 413.
+    FastAPI's ``max_body_size`` refuses it too, but in plain text, past the
+    app's exception handlers (docs/web-app.md#errors).
     """
     async def checked(scope, receive, send):
         if scope["type"] == "http":
@@ -309,24 +239,6 @@ def refuse_declared_oversize(app: FastAPI):
                 return await error(413, TOO_LARGE)(scope, receive, send)
         await app(scope, receive, send)
     return checked
-
-
-def health_of(predictor: Predictor, hashes: dict[str, str], accuracy: dict, store: FeedbackStore | None,
-              token: bool, version: str | None = None) -> bytes:
-    """``GET /api/health``'s JSON: the backend, each model's file, sha256 and test accuracy, collection."""
-    health = {
-        "status": "ok",
-        "backend": "onnx" if predictor.onnx else "pytorch",
-        "max_body_bytes": MAX_BODY,
-        "models": {name: {"description": NAMES[name], "file": predictor.files[name],
-                          "sha256": hashes[name], "test_accuracy": accuracy[name]}
-                   for name in MODELS},
-        "collect": None if store is None else {"folder": str(store.folder), "limit": store.limit,
-                                               **({"token_required": True} if token else {})},
-    }
-    if version is not None:
-        health["model_version"] = version
-    return json.dumps(health).encode()
 
 
 def bearer_matches(request: Request, token: str) -> bool:
@@ -344,29 +256,31 @@ def create_app(predictor: Predictor | None, store: FeedbackStore | None = None, 
     ``collect_token``: what ``POST /api/feedback`` must send as ``Authorization: Bearer``; None: nothing.
     """
     token = collect_token or None
-    if follower is None:
-        health = health_of(predictor, predictor.file_hashes(), predictor.test_accuracy(), store, token is not None)
+    collect = None if store is None else {"folder": str(store.folder), "limit": store.limit,
+                                          **({"token_required": True} if token else {})}
     page = (STATIC / "index.html").read_bytes()
     readers = anyio.CapacityLimiter(READERS)
+
+    if follower is None:  # the workspace's models/: no version, stage or commit to name
+        files = {path: predictor.root / path for path in ARTIFACTS.values()}
+        sha256 = {path: (sha256_of(file) if file.is_file() else None) for path, file in files.items()}
+        workspace = Served(None, None, predictor, sha256, predictor.test_accuracy())
+
+    def current() -> Served:
+        return follower.current if follower else workspace
 
     async def off_loop(func, *args):
         """``func(*args)`` in a worker thread, at most READERS at a time (the CPU work of a request)."""
         return await anyio.to_thread.run_sync(func, *args, limiter=readers)
 
     def answer(data: bytes) -> bytes:
-        served = follower.current if follower else None  # taken once: the whole answer is one version's
+        served = current()  # taken once: the whole answer is one version's
         image = model_input(data)
-        probabilities = (served.predictor if served else predictor).probabilities(image[None])
-        result = {name: answer_of(rows[0]) for name, rows in probabilities.items()}
+        result = {name: answer_of(rows[0]) for name, rows in served.predictor.probabilities(image[None]).items()}
         result["input"] = image.tolist()
-        if served:
+        if served.release:
             result["model_version"] = served.release.version
         return json.dumps(result).encode()
-
-    def served_health() -> bytes:
-        served = follower.current
-        return health_of(served.predictor, {name: served.sha256[file] for name, file in served.predictor.files.items()},
-                         served.accuracy, store, token is not None, served.release.version)
 
     # No Swagger UI: it loads its scripts from a CDN, and the app must work offline.
     app = FastAPI(title="mnist-dvc: draw a digit", docs_url=None, redoc_url=None,
@@ -379,11 +293,9 @@ def create_app(predictor: Predictor | None, store: FeedbackStore | None = None, 
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        where = first.get("loc", ())[-1:] or ("request",)
-        return JSONResponse({"error": f"invalid {where[0]}: {first.get('msg', 'invalid request')}",
-                             "detail": jsonable_encoder(errors)}, status_code=422)
+        first = exc.errors()[0]  # FastAPI raises it with at least one error, each with a "loc" and a "msg"
+        return JSONResponse({"error": f"invalid {first['loc'][-1]}: {first['msg']}",
+                             "detail": jsonable_encoder(exc.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -396,14 +308,35 @@ def create_app(predictor: Predictor | None, store: FeedbackStore | None = None, 
         return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     @app.get("/api/health")
-    async def get_health() -> Response:
-        """The backend, and each model's file, sha256 and test accuracy."""
-        return Response(health if follower is None else served_health(), media_type="application/json")
+    async def get_health() -> JSONResponse:
+        """The backend, each model's file, sha256 and test accuracy, and where corrections are saved."""
+        served = current()
+        health = {
+            "status": "ok",
+            "backend": "onnx" if served.predictor.onnx else "pytorch",
+            "max_body_bytes": MAX_BODY,
+            "models": {name: {"description": NAMES[name], "file": file, "sha256": served.sha256[file],
+                              "test_accuracy": served.accuracy[name]}
+                       for name, file in served.predictor.files.items()},
+            "collect": collect,
+        }
+        if served.release:
+            health["model_version"] = served.release.version
+        return JSONResponse(health)
 
     @app.get("/api/model")
     async def get_model() -> JSONResponse:
         """Each artifact's name, version, stage, commit and file sha256; the registry's last error."""
-        return JSONResponse(model_state(predictor, follower))
+        served = current()
+        version, commit = (served.release.version, served.release.commit) if served.release else (None, None)
+        in_use = set(served.predictor.files.values())
+        return JSONResponse({
+            "stage": served.stage, "version": version, "commit": commit,
+            "last_error": follower.last_error if follower else None,
+            "artifacts": [{"name": name, "version": version, "stage": served.stage, "commit": commit,
+                           "path": path, "sha256": served.sha256[path], "in_use": path in in_use}
+                          for name, path in ARTIFACTS.items()],
+        })
 
     @app.post("/api/predict", responses={200: {"model": PredictAnswer}, **ERRORS})
     async def predict(request: Request) -> Response:
@@ -445,10 +378,20 @@ def warm_up(predictor: Predictor) -> None:
     predictor.probabilities(to_mnist(to_png(stroke))[None])
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on (host, port); port 0 picks a free one. Raises OSError.
 
-    Connections made from now on wait in the backlog until the server accepts them.
+    Bound before the URL is printed: it names the real port, and a client that
+    connects at once waits in the backlog until uvicorn accepts it.
     """
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
@@ -463,17 +406,6 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_dvc.apps.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, "
@@ -483,9 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the project folder holding models/, params.yaml and metrics/ (default: .)")
     parser.add_argument("--onnx", action="store_true", help="use models/*.onnx with ONNX Runtime instead of PyTorch")
     parser.add_argument("--collect", type=Path, metavar="DIR",
-                        help="save the corrections people send (POST /api/feedback) in DIR, e.g. data/feedback/pictures; "
-                             "without it nothing is stored")
-    parser.add_argument("--collect-limit", type=positive, default=DEFAULT_LIMIT, metavar="N",
+                        help="save the corrections people send (POST /api/feedback) in DIR, e.g. "
+                             "data/feedback/pictures; without it nothing is stored")
+    parser.add_argument("--collect-limit", type=int, default=DEFAULT_LIMIT, metavar="N",
                         help=f"the most pictures --collect keeps (default: {DEFAULT_LIMIT})")
     parser.add_argument("--collect-token", metavar="TOKEN", default=os.environ.get(TOKEN_ENV),
                         help=f"what POST /api/feedback must send as Authorization: Bearer (default: ${TOKEN_ENV}, "
@@ -493,30 +425,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", metavar="STAGE",
                         help="serve the version this GTO stage names (e.g. prod), fetched by DVC at its commit, "
                              "and follow the stage as it moves (docs/registry.md); default: the workspace's models/")
-    parser.add_argument("--poll", type=seconds, default=POLL_SECONDS, metavar="S",
+    parser.add_argument("--poll", type=float, default=POLL_SECONDS, metavar="S",
                         help=f"with --stage: read the registry every S seconds (default: {POLL_SECONDS:g})")
     args = parser.parse_args(argv)
+    if args.collect_limit < 1:
+        parser.error(f"argument --collect-limit: {args.collect_limit} is below 1")
+    if not 0 < args.poll < float("inf"):  # NaN too
+        parser.error(f"argument --poll: {args.poll:g} is not a positive number of seconds")
     if args.collect is not None and not args.collect_token and not is_loopback(args.host):
         parser.error(f"--collect on {args.host} lets anyone who reaches it change what the models learn: "
                      f"give a token (${TOKEN_ENV}, or --collect-token), or listen on 127.0.0.1")
 
-    follower = stop = None
+    follower = None
     try:
         if args.stage:
             follower = Follower(args.root, args.stage, onnx=args.onnx, log=lambda line: None)
             follower.check()  # at start, a refusal is the error below, not a log line
             if follower.current is None:
                 raise StageError(f"stage {args.stage!r}: {follower.last_error}")
-            follower.log = lambda line: print(line, file=sys.stderr, flush=True)
-            predictor = follower.current.predictor
+            follower.log = to_stderr
+            predictor, accuracy, release = (follower.current.predictor, follower.current.accuracy,
+                                            follower.current.release)
+            origin = (f"{release.version} ({release.commit[:7]}), stage {args.stage} of {args.root.resolve()}, "
+                      f"checked every {args.poll:g} s")
         else:
-            predictor = Predictor(args.root, onnx=args.onnx, threads=1)
+            predictor = Predictor(args.root, onnx=args.onnx)
             warm_up(predictor)
+            accuracy, origin = predictor.test_accuracy(), str(args.root.resolve())
         store = None if args.collect is None else FeedbackStore(args.collect, args.collect_limit)
-        server = uvicorn_server(create_app(None if follower else predictor, store, follower, args.collect_token))
+        app = create_app(None if follower else predictor, store, follower, args.collect_token)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                               limit_concurrency=100, timeout_keep_alive=5,
+                                               timeout_graceful_shutdown=3, server_header=False))
         sock = listen(args.host, args.port)
-        # The ~250,000 objects of torch, FastAPI and the models live as long as the process:
-        # out of the garbage collector's view, a full collection no longer stalls a request ~0.1 s.
+        # torch's, FastAPI's and the models' objects live as long as the process: out of the
+        # collector's view, a full collection no longer stalls a request (docs/web-app.md#performance).
         gc.collect()
         gc.freeze()
     except StageError as exc:
@@ -529,62 +472,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     host, port = sock.getsockname()[:2]
-    url_host = f"[{host}]" if ":" in host else host
-    accuracy = ", ".join(f"{name} {value:.2%}" for name, value in
-                         (follower.current.accuracy if follower else predictor.test_accuracy()).items()
-                         if value is not None)
-    origin = (f"{follower.current.release.version} ({follower.current.release.commit[:7]}), stage {args.stage} "
-              f"of {args.root.resolve()}, checked every {args.poll:g} s" if follower else str(args.root.resolve()))
+    known = ", ".join(f"{name} {value:.2%}" for name, value in accuracy.items() if value is not None)
     print(f"mnist-dvc: {'ONNX Runtime' if args.onnx else 'PyTorch'} models from {origin}"
-          + (f" (test accuracy: {accuracy})" if accuracy else ""))
+          + (f" (test accuracy: {known})" if known else ""))
     if store is not None:
         print(f"Saving corrections in {store.folder} ({store.count()} so far, at most {store.limit})"
               + ("; they need the collection token" if args.collect_token else ""))
+    stop = threading.Event()
     if follower:
-        stop = threading.Event()
         follower.follow(args.poll, stop)
-    print(f"Serving on http://{url_host}:{port}/ (Ctrl+C to stop)", flush=True)
+    print(f"Serving on http://{f'[{host}]' if ':' in host else host}:{port}/ (Ctrl+C to stop)", flush=True)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl+C: uvicorn has stopped serving; nothing more to say
         pass
     finally:
-        if stop is not None:
-            stop.set()
+        stop.set()
     return 0
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or a name) reaches this machine only."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError:
-        return False
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
-
-
-def seconds(text: str) -> float:
-    """argparse type: a number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
-
-
-def uvicorn_server(app):
-    import uvicorn
-
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            limit_concurrency=100, timeout_keep_alive=5, timeout_graceful_shutdown=3,
-                            server_header=False)
-    return uvicorn.Server(config)
 
 
 if __name__ == "__main__":
