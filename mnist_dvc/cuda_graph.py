@@ -1,8 +1,8 @@
 """The train stage's step as one CUDA graph on a GPU (``train.cuda_graph``: auto | on | off).
 
-stages/train.py is the tutorial's loop and the reference; this is its fast
-variant for a GPU, bit-identical to it (tests/test_cuda_graph.py), and never
-used on the CPU. docs/performance.md has the figures.
+The fast variant of stages/train.py's loop (the reference), bit-identical to it
+(tests/test_cuda_graph.py), never used on the CPU. Why and how, and the
+figures: docs/performance.md, "The GPU path".
 """
 
 from __future__ import annotations
@@ -21,22 +21,8 @@ from mnist_dvc.stage import StageError
 class CudaGraphStep:
     """The whole training step on one full batch, captured once as a CUDA graph and replayed.
 
-    Why it exists: at batch 64 a GPU runs each of the step's ~20 kernels
-    (gather the batch, forward, loss, backward, Adam) faster than Python and
-    the CUDA driver can launch them, so the eager loop (stages/train.py) waits on launch
-    overhead; one graph replay launches them all at once: on an H100, 1.11 s
-    per epoch became 0.12 s (docs/performance.md), with bit-identical weights.
-
-    It follows the documented pattern (torch.cuda.graphs): static buffers
-    (here the batch's indices; the images and labels stay put on the device),
-    an optimizer with ``capturable=True``, and warm-up steps on a side stream
-    before capture.
-    The warm-up's updates are undone (weights copied back, Adam's state
-    zeroed, in place), so training starts from the same point as the eager loop.
-
-    Only full batches are replayed: the last, partial batch of an epoch (60,000
-    is not a multiple of 64) runs eagerly through the same model and optimizer,
-    so both loops see the same batches in the same order.
+    torch.cuda.graphs' documented pattern, the warm-up's updates undone. An epoch's last, partial
+    batch runs eagerly through the same model and optimizer, so the batches are the eager loop's.
     """
 
     WARMUP_STEPS = 3

@@ -1,23 +1,11 @@
-"""MNIST on disk: the raw gzipped IDX files and the processed tensor splits.
+"""MNIST on disk: the raw gzipped IDX files, the processed splits, the collected corrections.
 
-Raw (``data/raw/``, written by the download stage): the four official files,
-named in ``RAW_FILES`` by the keys that ``params.yaml``'s ``download.md5`` uses.
-
-Processed (``data/processed/``, written by preprocess): for each split
-(``train``, ``val``, ``test``) two NumPy files, ``<split>_images.npy`` (uint8,
-N x 28 x 28, 4x smaller on disk than float32) and ``<split>_labels.npy``
-(int64, N). Plain ``.npy``: preprocess and plot need no torch to write or
-read them (a second and a half less start-up each), and ``np.load`` with
-``allow_pickle=False`` can only ever return arrays. ``load_split`` turns the
-images into a float32 tensor in [0, 1] once, in memory, so the training
-loops never do per-sample work.
-
-Feedback (``data/feedback/pictures/``, collected by the web app): ``labels.csv``
-and ``<sha256>.png`` 28x28 inputs, read and checked here for the feedback and
-preprocess stages (the format is below, at ``FEEDBACK_LABELS``).
-
-torch is imported inside ``load_split`` only: the download stage imports
-this module for ``RAW_FILES`` and must start without it.
+Raw: ``data/raw/``, the four files of ``RAW_FILES`` (keyed as ``download.md5``).
+Processed: ``data/processed/<split>_{images,labels}.npy``, uint8 N x 28 x 28 and
+int64 N; ``load_split`` makes float32 tensors in [0, 1] of them (docs/design.md,
+"Data on disk and in memory"). Corrections: ``data/feedback/pictures/``
+(docs/feedback.md, "The dataset on disk"). torch is imported inside
+``load_split`` only: download, preprocess and plot start without it.
 """
 
 from __future__ import annotations
@@ -50,11 +38,7 @@ LABELS_MAGIC = 0x00000801
 
 
 def read_idx(path: Path, kind: str) -> np.ndarray:
-    """Read a gzipped IDX file of ``kind`` 'images' or 'labels' and validate its header.
-
-    Raises StageError naming the file for a bad gzip stream, a wrong magic
-    number, a wrong image size or a length that does not match the header.
-    """
+    """Read a gzipped IDX file of ``kind`` 'images' or 'labels'; StageError naming the file where it is not one."""
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
@@ -68,18 +52,13 @@ def read_idx(path: Path, kind: str) -> np.ndarray:
         raise StageError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
     found_magic, *dims = struct.unpack(f">{1 + ndim}I", raw[:header_size])
     if found_magic != magic:
-        raise StageError(
-            f"{path}: wrong magic number 0x{found_magic:08x}, expected 0x{magic:08x} "
-            f"(an IDX {kind} file)"
-        )
+        raise StageError(f"{path}: wrong magic number 0x{found_magic:08x}, expected 0x{magic:08x} (an IDX {kind} file)")
     if kind == "images" and dims[1:] != [IMAGE_SIDE, IMAGE_SIDE]:
         raise StageError(f"{path}: images are {dims[1]}x{dims[2]}, expected {IMAGE_SIDE}x{IMAGE_SIDE}")
     expected = int(np.prod(dims)) + header_size
     if len(raw) != expected:
-        raise StageError(
-            f"{path}: {len(raw)} bytes after decompression, the header promises {expected} "
-            f"({' x '.join(map(str, dims))}): the file is truncated or padded"
-        )
+        raise StageError(f"{path}: {len(raw)} bytes after decompression, the header promises {expected} "
+                         f"({' x '.join(map(str, dims))}): the file is truncated or padded")
     return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(dims).copy()
 
 
@@ -87,16 +66,19 @@ def read_raw_pair(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Read and cross-check the images and labels of ``split`` ('train' or 'test')."""
     images_path = raw_dir / RAW_FILES[f"{split}_images"]
     labels_path = raw_dir / RAW_FILES[f"{split}_labels"]
-    images = read_idx(images_path, "images")
-    labels = read_idx(labels_path, "labels")
+    images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
+    check_pair((images_path, labels_path), images, labels)
+    return images, labels
+
+
+def check_pair(paths: tuple[Path, Path], images: np.ndarray, labels: np.ndarray, advice: str = "") -> None:
+    """StageError unless there are as many images as labels, each in 0..9; ``advice`` ends the message."""
+    images_path, labels_path = paths
     if len(images) != len(labels):
-        raise StageError(
-            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
-        )
+        raise StageError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels{advice}")
     bad = label_outside(labels)
     if bad is not None:
-        raise StageError(f"{labels_path}: label {labels[bad]} at index {bad} is outside 0..9")
-    return images, labels
+        raise StageError(f"{labels_path}: label {labels[bad]} at index {bad} is outside 0..9{advice}")
 
 
 def split_paths(processed_dir: Path | str, split: str) -> tuple[Path, Path]:
@@ -118,12 +100,8 @@ RERUN_PREPROCESS = "rerun the preprocess stage (`dvc repro preprocess`)"
 
 
 def load_stored_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(images, labels)`` of a split as stored: uint8 N x 28 x 28, integer N in 0..9.
-
-    Raises StageError naming the file for one that is missing, not an
-    ``.npy`` array, of the wrong dtype or shape, with a label outside 0..9,
-    or with a count that differs from the other file's.
-    """
+    """``(images, labels)`` of a split as stored, uint8 N x 28 x 28 and integer N in 0..9; StageError naming
+    the file that is missing, not an ``.npy`` array, of the wrong dtype or shape or count, or a bad label."""
     paths, arrays = split_paths(processed_dir, split), []
     for path in paths:
         try:
@@ -139,12 +117,7 @@ def load_stored_split(processed_dir: Path | str, split: str) -> tuple[np.ndarray
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
         raise StageError(f"{labels_path}: {labels.dtype} array of shape {labels.shape}, expected integer "
                          f"labels of shape (N,); {RERUN_PREPROCESS}")
-    if len(images) != len(labels):
-        raise StageError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
-                         f"{RERUN_PREPROCESS}")
-    bad = label_outside(labels)
-    if bad is not None:
-        raise StageError(f"{labels_path}: label {labels[bad]} at index {bad} is outside 0..9; {RERUN_PREPROCESS}")
+    check_pair(paths, images, labels, f"; {RERUN_PREPROCESS}")
     return images, labels
 
 
@@ -155,9 +128,8 @@ def label_outside(labels: np.ndarray) -> int | None:
 
 
 def confusion_counts(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """The confusion matrix of two label arrays (0..9): (10, 10) int64 counts, rows the true
-    digit, columns the prediction. What plot and the report draw; sklearn's
-    ``confusion_matrix`` gives the same counts but its import would double plot's start-up."""
+    """The (10, 10) int64 confusion counts of two label arrays, rows the true digit: sklearn's
+    ``confusion_matrix`` without its import, which would double plot's start-up."""
     cells = np.asarray(actual, np.int64) * N_CLASSES + np.asarray(predicted, np.int64)
     return np.bincount(cells, minlength=N_CLASSES**2).reshape(N_CLASSES, N_CLASSES)
 
@@ -176,13 +148,7 @@ def load_optional_split(processed_dir: Path | str, split: str):
     return load_split(processed_dir, split) if split_paths(processed_dir, split)[0].exists() else None
 
 
-# --- feedback: pictures people corrected in the web app (data/feedback/pictures/) ---
-#
-# The one description of the folder's format:
-# <sha256 of the PNG bytes>.png: 28x28 8-bit greyscale, white digit on black
-# (the model's input); labels.csv: header "file,label", one row per picture,
-# sorted by file name. Written by mnist_dvc/apps/feedback.py, versioned with
-# `dvc add data/feedback/pictures`, read by the feedback and preprocess stages.
+# --- feedback: pictures people corrected in the web app; the format: docs/feedback.md, "The dataset on disk" ---
 
 FEEDBACK_LABELS = "labels.csv"
 FEEDBACK_HEADER = ("file", "label")
@@ -191,11 +157,8 @@ PULL_FEEDBACK = "run `git checkout data/feedback/pictures.dvc && dvc pull data/f
 
 
 def read_feedback_labels(folder: Path | str) -> dict[str, int]:
-    """``{file name: label}`` from ``folder``/labels.csv; {} where the folder or the file is absent.
-
-    Raises StageError naming the file and line for a wrong header, a file
-    name that is not a sha256 ``.png``, a label outside 0..9 or a file listed twice.
-    """
+    """``{file name: label}`` from ``folder``/labels.csv ({} where absent); StageError naming the line that
+    is not the header, a sha256 ``.png`` name and a digit, or that lists a file twice."""
     path = Path(folder) / FEEDBACK_LABELS
     try:
         text = path.read_text(encoding="utf-8")
@@ -231,11 +194,8 @@ def missing_feedback(folder: Path | str, labels: dict[str, int]) -> list[str]:
 
 
 def load_feedback(folder: Path | str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``(file names, images, labels)`` of the collected pictures, sorted by name.
-
-    Images are uint8 N x 28 x 28, labels int64 N. Each PNG is checked: present,
-    named by the sha256 of its bytes, a 28x28 greyscale picture; StageError names it otherwise.
-    """
+    """``(file names, uint8 images, int64 labels)`` of the collected pictures, sorted by name; StageError
+    naming a PNG that is absent, not named by the sha256 of its bytes, or not a 28x28 greyscale picture."""
     from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
@@ -263,10 +223,6 @@ def load_feedback(folder: Path | str) -> tuple[list[str], np.ndarray, np.ndarray
 
 
 def feedback_held_out(name: str, holdout: float) -> bool:
-    """Whether the picture ``name`` belongs to the feedback test split.
-
-    Decided by its content hash alone (its first 32 bits as a fraction of
-    2**32), so adding pictures never moves one already collected from one
-    part to the other, and a larger ``holdout`` only moves pictures into the test part.
-    """
+    """Whether the picture ``name`` belongs to the feedback test split: by its content hash alone, so
+    adding pictures never moves one, and a larger ``holdout`` only moves pictures into the test part."""
     return int(name[:8], 16) < holdout * 2**32

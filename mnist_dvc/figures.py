@@ -1,9 +1,6 @@
-"""Deterministic PNGs for the stages that draw: plot and tune.
+"""Deterministic PNGs: headless Agg, the bundled DejaVu font, no timestamp or version in the file.
 
-Importing this module selects matplotlib's headless Agg backend and the
-bundled DejaVu font before pyplot is used; ``png_bytes`` and ``save_png`` write no timestamp
-or version into the file. With a fixed figure size, the same inputs give the
-same bytes.
+Import it before pyplot is used. With a fixed figure size, the same inputs give the same bytes.
 """
 
 from __future__ import annotations

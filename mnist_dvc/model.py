@@ -1,19 +1,15 @@
 """The MLP both trainings share, and the few torch settings around it.
 
-``MLP`` returns raw logits; the loss everywhere is ``CrossEntropyLoss``
-(log-softmax + NLL in one numerically stable step). Its weights are drawn
-from an explicit ``torch.Generator`` seeded by ``seed``, with the same
-distributions as ``nn.Linear``'s default, so two builds with the same seed
-are identical whatever the global RNG has done. Its dropout masks come from
-a generator of its own too (``SeededDropout``), so every random draw of a
-training (init, batch order, dropout, augmentation) comes from an explicit,
-seeded generator: the explicit loop and skorch make the same draws in the
-same order, and learn the same weights.
+``MLP`` returns raw logits (the loss everywhere is ``CrossEntropyLoss``). Every
+random draw of a training comes from an explicit generator seeded by
+``train.seed``, so the explicit loop and skorch learn the same weights
+(docs/design.md, "Both trainings, bit for bit").
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -27,22 +23,16 @@ from mnist_dvc.stage import StageError
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 IN_FEATURES = IMAGE_SIDE * IMAGE_SIDE
-
-
 # Dropout masks draw from their own stream, apart from the init's.
 DROPOUT_SEED_OFFSET = 2_000_003
 
 
 class SeededDropout(nn.Module):
-    """``nn.Dropout`` whose masks come from a generator of its own, seeded by ``seed``.
+    """``nn.Dropout``'s arithmetic, with masks from a generator of its own, seeded by ``seed``.
 
-    ``nn.Dropout`` draws from torch's global RNG, which anything may have
-    moved (skorch builds the module, and ``nn.Linear``'s constructor draws
-    from it); this one is reseeded when the module is built, so the masks
-    depend only on the seed and the order of the forward passes. The
-    generator is created at the first training pass, on the input's device.
-    Same arithmetic as ``nn.Dropout``: zero with probability ``p``, scale the
-    rest by ``1 / (1 - p)``; the identity in eval mode.
+    ``nn.Dropout`` draws from torch's global RNG, which anything may have moved
+    (skorch, ``nn.Linear``'s constructor): these masks depend only on the seed
+    and the order of the forward passes.
     """
 
     def __init__(self, p: float, seed: int):
@@ -97,13 +87,8 @@ def build_mlp(model_params, seed: int) -> MLP:
 
 
 def optimizer_kwargs(train_params) -> dict:
-    """Keyword arguments of the chosen optimizer beyond ``lr``.
-
-    ``fused``: one kernel updates every parameter, instead of a handful of
-    ops per tensor; at batch 64, per-step overhead dominates, and epochs on a
-    2-core CPU went from 1.4 s to 1.0 s. Both trainings use it, so they stay
-    bit-identical to each other.
-    """
+    """Keyword arguments of the chosen optimizer beyond ``lr``; ``fused``: one kernel for the whole
+    update (docs/performance.md), in both trainings, so they stay bit-identical to each other."""
     # weight_decay is always given: AdamW's own default (0.01) never applies silently.
     kwargs = {"fused": True, "weight_decay": train_params.weight_decay}
     if train_params.optimizer == "sgd":
@@ -112,11 +97,7 @@ def optimizer_kwargs(train_params) -> dict:
 
 
 def build_optimizer(parameters, train_params, capturable: bool = False) -> torch.optim.Optimizer:
-    """The optimizer named by ``train.optimizer``, with ``train.lr``.
-
-    ``capturable``: its step keeps all its state on the device, so that it can
-    be captured in a CUDA graph (``CudaGraphStep`` in mnist_dvc/cuda_graph.py).
-    """
+    """The optimizer named by ``train.optimizer``, with ``train.lr``; ``capturable`` for a CUDA graph."""
     kwargs = optimizer_kwargs(train_params)
     if capturable:
         kwargs["capturable"] = True
@@ -129,15 +110,13 @@ def needs_scheduler(train_params) -> bool:
 
 
 def schedule_steps(train_params, n_train: int, epochs: int | None = None) -> int:
-    """The length of the per-batch schedule: optimizer steps over ``epochs`` (default ``train.epochs``)
-    passes of ``n_train`` images, the last batch of each pass possibly partial."""
+    """Optimizer steps over ``epochs`` (default ``train.epochs``) passes of ``n_train`` images."""
     return (epochs or train_params.epochs) * math.ceil(n_train / train_params.batch_size)
 
 
 class LRFactor:
-    """The multiplier of ``train.lr`` at each step (for ``LambdaLR``): a linear
-    warm-up over ``warmup_steps``, then constant, or a cosine down to 0 at
-    ``total_steps``. A class, not a closure, so that a net holding it pickles."""
+    """The multiplier of ``train.lr`` at each step (``LambdaLR``): a linear warm-up, then constant or a
+    cosine down to 0 at ``total_steps``. A class, not a closure, so that a net holding it pickles."""
 
     def __init__(self, schedule: str, warmup_steps: int, total_steps: int):
         self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
@@ -152,11 +131,8 @@ class LRFactor:
 
 
 def lr_scheduler(optimizer, schedule: str, warmup: float, total_steps: int, last_epoch: int = -1):
-    """The per-batch learning-rate scheduler of ``train.schedule``, stepped after every optimizer step.
-
-    Both trainings build it here: the explicit loop directly, skorch as the
-    ``policy`` of its ``LRScheduler`` callback (``step_every="batch"``).
-    """
+    """The per-batch learning-rate scheduler of ``train.schedule``, for both trainings
+    (skorch: the ``policy`` of its ``LRScheduler`` callback, ``step_every="batch"``)."""
     from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
     if schedule == "onecycle":
@@ -176,24 +152,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_torch(threads: int, device: torch.device | str = "cpu", cpu_numerics: str | None = None) -> None:
-    """Pin the CPU thread count: with the same count, CPU results are bit-identical.
-
-    ``cpu_numerics`` (params.yaml ``numerics.cpu``): a StageError unless this
-    process loaded torch with that mode's kernels (mnist_dvc/numerics.py).
-    """
+    """Pin the CPU thread count (the same count, the same bits); with ``cpu_numerics`` (``numerics.cpu``),
+    a StageError unless torch was loaded with that mode's kernels (mnist_dvc/numerics.py)."""
     if cpu_numerics is not None:
         try:
             numerics.check(cpu_numerics)
         except RuntimeError as exc:
             raise StageError(str(exc)) from None
     torch.set_num_threads(threads)
-    # As training converges, some gradients and Adam moments become denormal
-    # floats, which x86 CPUs process many times slower: without this, epochs
-    # slowed from 1.35 s to 2.2 s on a 2-core CPU. Results were unchanged.
+    # As training converges, gradients and Adam moments turn denormal: many times slower on x86
+    # (docs/performance.md). Results are unchanged.
     torch.set_flush_denormal(True)
-    # Only CUDA has non-deterministic kernels for the ops used here. The call
-    # imports torch's compiler stack (1 s of every stage's start-up), so CPU
-    # runs, bit-identical without it, skip it.
+    # Only CUDA has non-deterministic kernels for these ops; the call imports torch's compiler stack (1 s).
     if torch.device(device).type == "cuda":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -203,14 +173,8 @@ TRAINED_BY = {"manual": "train", "skorch": "fit"}
 
 
 def load_mlp(model_params, path) -> MLP:
-    """The MLP of the ``model:`` section with the weights of a state_dict file, in eval mode.
-
-    Both trainings save a plain state_dict (skorch's ``save_params`` writes
-    ``module_.state_dict()``). ``weights_only=True``: tensors only, never
-    pickled code. A file that is not such a state_dict raises
-    ``pickle.UnpicklingError`` or ``ValueError`` (``check_state_dict``), one
-    trained with another ``model:`` section ``RuntimeError``.
-    """
+    """The ``model:`` section's MLP with a state_dict file's weights (``weights_only=True``), in eval mode;
+    ``pickle.UnpicklingError`` or ``ValueError`` for another file, ``RuntimeError`` for another ``model:``'s."""
     model = build_mlp(model_params, seed=0)
     state = torch.load(path, map_location="cpu", weights_only=True)
     check_state_dict(state)
@@ -219,20 +183,15 @@ def load_mlp(model_params, path) -> MLP:
 
 
 def check_finite_loss(loss: float, epoch: int) -> None:
-    """A StageError once an epoch's training loss is NaN or infinite: training diverged,
-    the weights are lost, and the stage must not save them as a model."""
+    """A StageError once an epoch's training loss is NaN or infinite: the stage must not save the model."""
     if not math.isfinite(loss):
         raise StageError(f"training diverged: train/loss is {loss} after epoch {epoch}; lower train.lr "
                          f"(or warm up: train.warmup); no output was replaced")
 
 
 def check_state_dict(state) -> None:
-    """Raise ValueError unless ``state`` is a dict of finite floating-point tensors.
-
-    ``weights_only=True`` also lets through a bare tensor, None, a list, or
-    integer tensors (which ``load_state_dict`` would silently truncate the
-    weights into), and NaN weights would give NaN metrics and answers.
-    """
+    """Raise ValueError unless ``state`` is a dict of finite floating-point tensors: ``weights_only=True`` lets
+    through None, a list, integer tensors (silently truncated by ``load_state_dict``) and NaN weights."""
     if not isinstance(state, dict):
         found = "None" if state is None else type(state).__name__
         raise ValueError(f"the file does not hold a state dict but {found}")
@@ -247,8 +206,6 @@ def check_state_dict(state) -> None:
 
 def load_trained(name: str, model_params, path: Path) -> MLP:
     """``load_mlp`` for the model ``name`` ("manual" or "skorch"), or a StageError that names the file."""
-    import pickle
-
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path}: model not found (run the {TRAINED_BY[name]} stage)")

@@ -1,30 +1,9 @@
-"""The CPU numerics of every process that writes a versioned output, set by the project.
+"""The CPU numerics of every process that writes a versioned output: ``pin()`` before ``import torch``.
 
-The last bits of a float sum depend on which kernels compute it, and two
-libraries inside torch pick their kernels by the CPU they run on:
-
-- ATen's vector kernels (element-wise ops, reductions, the fused Adam step),
-  and oneDNN's, use the widest vector unit: AVX-512 rounds otherwise than
-  AVX2. ``ATEN_CPU_CAPABILITY=avx2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` cap them
-  at AVX2 (Intel since 2013, AMD since 2015; a CPU without it falls back to
-  ATen's generic kernels, and ``make check`` says so).
-- MKL's matrix products (every ``nn.Linear``) follow the CPU's vendor and
-  model even at one ISA, and the alignment of their inputs in memory, which
-  depends on what the process allocated before (so on which fits a worker
-  ran first). ``MKL_CBWR=COMPATIBLE,STRICT`` is MKL's reproducible mode: one
-  code path on every x86-64 CPU, whatever the alignment.
-
-Capping alone leaves Intel and AMD apart, MKL's mode alone leaves AVX-512
-apart from AVX2; both together give the same bits everywhere (docs/
-reproducibility.md). The ``native`` mode (params.yaml ``numerics.cpu``) drops
-both for this CPU's fastest kernels. Either way the thread settings are
-pinned, and the caller's environment changes nothing.
-
-These settings are read once, when torch, MKL and OpenMP load, so they must
-be in the environment before ``import torch``: ``stages/__init__.py`` calls
-``pin()`` before any stage module runs, and child processes (tune's workers)
-inherit the environment. Dask workers elsewhere get it from
-``mnist_dvc.cluster``. This module imports only the standard library.
+``portable`` (``numerics.cpu``) gives the same bits on every x86-64 CPU, ``native``
+this CPU's fastest kernels; both pin the threads (docs/reproducibility.md, "What is
+pinned, and why"). torch, MKL and OpenMP read these once, when they load. Only the
+standard library here.
 """
 
 from __future__ import annotations
@@ -49,19 +28,8 @@ def environment(mode: str) -> dict[str, str | None]:
     return {**CAPS[mode], **THREADS}
 
 
-def pinned_mode(env=os.environ) -> str | None:
-    """The mode ``env`` holds exactly, or None."""
-    for mode in MODES:
-        if all(env.get(key) == value for key, value in environment(mode).items()):
-            return mode
-    return None
-
-
 def mode_in(params_file: Path | str = "params.yaml") -> str:
-    """``numerics.cpu`` of ``params_file``; the default where the file or the key cannot be read.
-
-    A bad value is reported by the stage itself (``check``), with the other params.
-    """
+    """``numerics.cpu`` of ``params_file``; the default where it cannot be read (the stage's validation says why)."""
     try:
         from ruamel.yaml import YAML
 
@@ -72,11 +40,8 @@ def mode_in(params_file: Path | str = "params.yaml") -> str:
 
 
 def pin(mode: str | None = None) -> str:
-    """Set ``mode``'s environment (default: params.yaml's) before torch loads; returns the mode.
-
-    Once torch is imported, its kernels are chosen: a process whose environment
-    holds another mode by then cannot change it, and ``check`` refuses to run.
-    """
+    """Set ``mode``'s environment (default: params.yaml's) before torch loads; returns the mode. Once torch
+    is imported, its kernels are chosen: another mode cannot be set, and ``check`` refuses to run."""
     mode = mode or mode_in()
     if "torch" not in sys.modules:
         for key, value in environment(mode).items():
@@ -89,7 +54,7 @@ def pin(mode: str | None = None) -> str:
 
 def check(mode: str) -> None:
     """Raise RuntimeError unless this process computes with ``mode``'s settings."""
-    if pinned_mode() != mode:
+    if any(os.environ.get(key) != value for key, value in environment(mode).items()):
         raise RuntimeError(
             f"numerics.cpu = {mode!r}, but torch was loaded with other CPU settings: start the process "
             f"(a stage: `python -m stages.<name>`; a Dask worker) anew, so that mnist_dvc.numerics.pin() "

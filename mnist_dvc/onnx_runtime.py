@@ -1,8 +1,5 @@
-"""The ONNX Runtime session both the export stage (its parity check) and ``predict --onnx`` run.
-
-A module of its own, so that the export stage depends on this, not on the
-web app's and predict's code: an edit there reruns nothing.
-"""
+"""The ONNX Runtime session of the export stage and ``predict --onnx``; apart from the apps, so that
+an edit there reruns no stage."""
 
 from __future__ import annotations
 
@@ -24,12 +21,8 @@ def onnx_session(model: str | bytes, threads: int = 1):
 
 
 def check_contract(session, path) -> None:
-    """Raise StageError naming ``path`` unless ``session``'s model follows ``CONTRACT``.
-
-    Checked when the session is created: a valid ONNX model with another
-    input name or output shape would otherwise fail on the first picture.
-    A symbolic (dynamic) image side is accepted; the batch dimension is not checked.
-    """
+    """Raise StageError naming ``path`` unless ``session``'s model follows ``CONTRACT``, instead of failing
+    on the first picture. A symbolic (dynamic) image side is accepted; the batch dimension is not checked."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     image = inputs[0] if len(inputs) == 1 else None
     logits = outputs[0] if len(outputs) == 1 else None

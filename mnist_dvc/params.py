@@ -1,13 +1,8 @@
-"""The schema of params.yaml, one pydantic model per section, and its loader.
+"""The schema of params.yaml, one pydantic model per section, and its loader ``load_section``.
 
-Every stage calls ``load_section(name)`` for each section it reads, first
-thing. A wrong value ends the stage with one line that names the full key,
-the bad value and what is allowed, e.g.
-
-    params.yaml: train.lr = -0.1: Input should be greater than 0
-
-Unknown keys are errors too, so a typo (``train.learning_rate``) is caught
-instead of silently ignored.
+A wrong value, or an unknown key (a typo), ends the stage with one line that
+names the full key, the bad value and what is allowed, e.g.
+``params.yaml: train.lr = -0.1: Input should be greater than 0``.
 """
 
 from __future__ import annotations
@@ -182,11 +177,8 @@ SECTIONS: dict[str, type[Section]] = {
 
 
 def _key_and_parent(section: str, loc: tuple, model: type[Section]) -> tuple[str, type[Section]]:
-    """Turn a pydantic error location into ``train.lr`` / ``model.hidden[1]``.
-
-    Also returns the innermost section model, to list its keys. Union branch
-    tags that pydantic adds to locations (``float``, ``int``) are dropped.
-    """
+    """A pydantic error location as ``train.lr`` / ``model.hidden[1]`` (union tags such as ``float`` dropped),
+    and the innermost section model, to list its keys."""
     key, parent = section, model
     for part in loc:
         if isinstance(part, int):

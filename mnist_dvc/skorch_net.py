@@ -27,12 +27,9 @@ from mnist_dvc.model import (
 
 
 class TensorBatches:
-    """``(X, y)`` batches sliced out of a skorch ``Dataset``'s tensors, as the explicit loop slices them.
-
-    With ``shuffle``, each epoch draws a new permutation from ``generator`` (the net's own, never
-    torch's global RNG). ``augment`` = (shift, rotate) augments each batch with draws from
-    ``augment_generator`` (the training iterator only).
-    """
+    """``(X, y)`` batches sliced out of a skorch ``Dataset``'s tensors, as the explicit loop slices them: with
+    ``shuffle``, a permutation per epoch from ``generator`` (the net's own, never torch's global RNG), and
+    ``augment`` = (shift, rotate) with draws from ``augment_generator`` (the training iterator only)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator=None,
                  augment: tuple[int, float] = (0, 0.0), augment_generator=None):
@@ -59,9 +56,8 @@ class TensorBatches:
 class DvcLiveLogger(Callback):
     """Log skorch's per-epoch history to DVCLive in ``live_dir`` (DVCLive has no skorch integration).
 
-    ``Live`` exists only during a fit, so the net stays clonable and picklable. With ``resume``
-    (``set_params(callbacks__DvcLiveLogger__resume=True)`` before a ``partial_fit``) it continues
-    the steps already logged there.
+    ``Live`` exists only during a fit, so the net stays clonable and picklable. ``resume``
+    (``callbacks__DvcLiveLogger__resume=True``, before a ``partial_fit``) continues the logged steps.
     """
 
     KEYS = {"train_loss": "train/loss", "valid_loss": "val/loss", "valid_acc": "val/accuracy"}
@@ -97,9 +93,8 @@ def build_net(model_params, train_params, *, seed: int, device: str = "cpu", val
               callbacks=(), **overrides):
     """A ``NeuralNetClassifier`` of the shared MLP with the ``train:`` hyperparameters.
 
-    ``val_split``: preprocess's validation split ``(images, labels)``, or None: no validation, where
-    skorch's default would silently hold out 20% of the training data. A ``train.schedule`` other
-    than constant (or a warm-up) needs ``n_train``, the number of training images.
+    ``val_split``: preprocess's ``(images, labels)``, or None: no validation (skorch's default would
+    hold out 20% of the training data). A schedule or warm-up needs ``n_train``, the training images.
     """
     callbacks = list(callbacks)
     if needs_scheduler(train_params):

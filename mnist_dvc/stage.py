@@ -1,32 +1,16 @@
 """What every stage does the same way: fail with one clear line, write atomically.
 
-- ``StageError`` is the one exception a stage raises for a problem the user
-  can fix (a bad parameter, a corrupt file, an unreachable mirror).
-  ``run_stage(main)`` prints it as ``error: ...`` without a traceback and
-  exits with status 1.
-- ``run_stage`` also freezes the garbage collector's view of the objects
-  that exist before and after ``main`` (``gc.freeze``): the cyclic
-  collector then never walks the ~190,000 objects ``import torch`` creates,
-  during the run or at interpreter exit, which otherwise spends about
-  0.5 s collecting them before the process can end. Frozen objects are still
-  freed; nothing a stage writes depends on it.
-- SIGINT (Ctrl-C) and SIGTERM are turned into an exception (``Interrupted``),
-  so an interrupted stage unwinds through ``atomic_path`` and removes its
-  temporary file, and exits with status 130.
-- ``atomic_path(path)`` yields a temporary path next to ``path`` and renames
-  it over ``path`` only when the block succeeds: a reader never sees a
-  half-written output, and a failed stage never replaces a good one.
-  ``atomic_file(path)`` does the same with an open binary file, for savers
-  (``torch.save``, ``np.save``, skorch's ``save_params``) that would otherwise
-  record the temporary file's random name in the bytes they write.
-  ``atomic_dir(path)`` does it for a whole folder (DVCLive's).
-
-This module imports only the standard library: every stage imports it, and
-a stage's start-up is paid on every run.
+``run_stage(main)`` prints a ``StageError`` (a problem the user can fix) as
+``error: ...`` and exits 1; SIGINT and SIGTERM raise ``Interrupted``, so the
+stage unwinds through the ``atomic_*`` helpers (a reader never sees a
+half-written output, a failed stage never replaces a good one) and exits 130.
+It also calls ``gc.freeze()``, why: docs/design.md, "Start-up is part of the
+product". Only the standard library here: every stage imports it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import gc
@@ -46,12 +30,8 @@ class StageError(Exception):
 
 
 class Interrupted(BaseException):
-    """Raised on SIGINT (Ctrl-C) and SIGTERM, so that cleanup runs and the stage fails.
-
-    Not a KeyboardInterrupt: skorch's ``fit`` catches KeyboardInterrupt, ends
-    training early and returns normally, and the stage would save a
-    half-trained model and exit 0.
-    """
+    """Raised on SIGINT and SIGTERM. Not a KeyboardInterrupt, which skorch's ``fit`` catches
+    to end training early and return normally: the stage would save a half-trained model."""
 
 
 def _raise_interrupted(signum, frame):
@@ -76,11 +56,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
-    """Yield a new empty folder next to ``path``; it replaces the folder ``path`` when the block succeeds.
-
-    For writers that fill a folder as they go (DVCLive's metrics and plots):
-    a failed or interrupted stage leaves the last good folder as it was.
-    """
+    """Yield a new empty folder next to ``path``, for writers that fill one as they go (DVCLive);
+    it replaces the folder ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -100,12 +77,8 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(path: Path | str) -> Iterator[BinaryIO]:
-    """Yield a binary file open for writing; it becomes ``path`` when the block succeeds.
-
-    Savers get a file object, not a path: given a path, ``torch.save`` names
-    the archive inside after the (random) temporary file, and the bytes would
-    differ between two identical runs.
-    """
+    """Yield a binary file open for writing; it becomes ``path`` when the block succeeds. For savers: given a
+    path, ``torch.save`` names the archive inside after the random temporary file's name."""
     with atomic_path(path) as tmp, tmp.open("wb") as f:
         yield f
 
@@ -124,11 +97,19 @@ def write_csv(path: Path | str, header: Sequence[str], rows: Iterable[Sequence])
         writer.writerows(rows)
 
 
+def parse_paths(doc: str, argv: list[str] | None, **defaults: str) -> argparse.Namespace:
+    """A stage's command line: ``--<key>`` (``_`` written ``-``) for each keyword, a path with that default."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for key, default in defaults.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=Path, default=Path(default))
+    return parser.parse_args(argv)
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main``; turn StageError and interrupts into a clean exit."""
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
-    gc.freeze()  # the imported modules' objects: see the module's docstring
+    gc.freeze()  # the imported modules' objects
     try:
         main()
         gc.freeze()

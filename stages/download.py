@@ -1,27 +1,16 @@
 """download: fetch the four gzipped MNIST IDX files into data/raw/, md5-verified.
 
-In:  params.yaml ``download`` (mirrors, md5, retries, timeout, backoff).
+In:  params.yaml ``download`` (dvc.yaml lists only ``download.md5``: the md5s decide the files).
 Out: data/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
 
-dvc.yaml lists only ``download.md5`` as this stage's params: the md5s decide
-the files, wherever they come from, so a mirror of one's own reruns nothing
-and no path of this machine is recorded in dvc.lock.
-
-Each file is tried on every mirror in order, ``retries`` times per mirror with
-exponential backoff. A failure that cannot change on a retry is not retried:
-an HTTP 4xx answer (the file is not there, or not for us), and anything from a
-``file://`` mirror (a missing or corrupt local file stays so). Bytes stream
-into a temporary file while their md5 is computed; only a file whose md5
-matches is renamed into place, so a failed, truncated or corrupt download
-never leaves a valid-looking file behind. When every attempt fails, one error
-lists each URL tried and why, and ends with what to do offline.
-
-This stage needs no torch: it starts in a fraction of a second.
+Each file is tried on every mirror in order, ``retries`` times with exponential
+backoff, except where a retry cannot help (an HTTP 4xx, a ``file://`` mirror).
+Only a file whose md5 matches is renamed into place. When every attempt fails,
+one error lists each URL tried and why, and what to do offline. No torch here.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import time
@@ -33,7 +22,7 @@ from tqdm import tqdm
 
 from mnist_dvc.data import RAW_FILES
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import StageError, atomic_path, run_stage
+from mnist_dvc.stage import StageError, atomic_path, parse_paths, run_stage
 
 CHUNK = 1 << 16
 # HTTP answers that may change on a retry; any other 4xx will not.
@@ -52,10 +41,8 @@ def fetch(url: str, dest: Path, expected_md5: str, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as response, dest.open("wb") as out:
         length = response.headers.get("Content-Length")
         total = int(length) if length else None
-        # disable=None: a bar only on a terminal; in logs (CI, dvc output piped) it
-        # would bury the one-line error under carriage-return fragments.
-        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False,
-                  disable=None) as bar:
+        # disable=None: a bar only on a terminal, never in logs.
+        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False, disable=None) as bar:
             received = 0
             while chunk := response.read(CHUNK):
                 out.write(chunk)
@@ -108,11 +95,8 @@ def download_file(name: str, expected_md5: str, out_dir: Path, params) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("data/raw"))
-    args = parser.parse_args(argv)
+    args = parse_paths(__doc__, argv, out="data/raw")
     params = load_section("download")
-    args.out.mkdir(parents=True, exist_ok=True)
     for key, name in RAW_FILES.items():
         download_file(name, getattr(params.md5, key), args.out, params)
         print(f"{name}: md5 {getattr(params.md5, key)} verified")

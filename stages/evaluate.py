@@ -1,32 +1,25 @@
 """evaluate: both trained models on the 10,000 test images.
 
-In:  data/processed/test_*.npy (and feedback_*.npy, the held-out corrected
-     pictures, where preprocess wrote them); models/mlp.pt;
-     models/skorch_params.pt; params.yaml ``model`` and ``evaluate``.
-Out: metrics/evaluate.json   {"manual": {accuracy, loss, macro_f1}, "skorch": {...}};
-     with a feedback split, each model also has feedback_accuracy and feedback_count
+In:  data/processed/test_*.npy (and feedback_*.npy, the held-out corrections, where
+     preprocess wrote them); models/mlp.pt; models/skorch_params.pt; params.yaml ``model``, ``evaluate``.
+Out: metrics/evaluate.json   {"manual": {accuracy, loss, macro_f1}, "skorch": {...}}, and
+                             feedback_accuracy and feedback_count with a feedback split
      metrics/classification_report.json   per-class precision/recall/F1 of each model
-     metrics/predictions/{manual,skorch}.csv   actual,predicted per test image, in
-     test-set order (DVC's confusion-matrix data; plot reads it for the digit grid)
+     metrics/predictions/{manual,skorch}.csv   actual,predicted per test image, in test-set order
 
-Both files are state_dicts of the same MLP (skorch's ``save_params`` writes
-``module_.state_dict()``), so both load through ``load_mlp`` without importing
-skorch (``load_trained``); ``tests/test_training.py`` checks that skorch's
-own ``load_params`` gives the same logits. Both models are loaded and checked
-before anything is written: a refused file leaves the previous outputs untouched.
+Both files are state_dicts of the same MLP, loaded without skorch (``load_trained``),
+and both are loaded and checked before anything is written.
 """
 
 from __future__ import annotations
-
-import argparse
-from pathlib import Path
 
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from mnist_dvc.data import load_optional_split, load_split
 from mnist_dvc.model import TRAINED_BY, configure_torch, load_trained, loss_and_accuracy, predict_logits
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import run_stage, write_csv, write_json
+from mnist_dvc.stage import parse_paths, run_stage, write_csv, write_json
+
 
 def scores(logits, labels, predicted) -> tuple[dict, dict]:
     """The headline metrics and the per-class report of one model; ``predicted`` is ``logits``' argmax."""
@@ -40,17 +33,11 @@ def scores(logits, labels, predicted) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/processed"))
-    parser.add_argument("--manual", type=Path, default=Path("models/mlp.pt"))
-    parser.add_argument("--skorch", type=Path, default=Path("models/skorch_params.pt"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
-    parser.add_argument("--report", type=Path, default=Path("metrics/classification_report.json"))
-    parser.add_argument("--predictions", type=Path, default=Path("metrics/predictions"))
-    args = parser.parse_args(argv)
+    args = parse_paths(__doc__, argv, data="data/processed", manual="models/mlp.pt",
+                       skorch="models/skorch_params.pt", metrics="metrics/evaluate.json",
+                       report="metrics/classification_report.json", predictions="metrics/predictions")
     model_params, params = load_section("model"), load_section("evaluate")
     configure_torch(1, "cpu", load_section("numerics").cpu)  # the test loss is a float sum: one thread, pinned kernels
-    # Both loaded, or refused, before anything is written.
     models = {name: load_trained(name, model_params, getattr(args, name)) for name in TRAINED_BY}
     images, labels = load_split(args.data, "test")
     metrics, reports, predicted = {}, {}, {}

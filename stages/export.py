@@ -1,30 +1,20 @@
 """export: an ONNX copy of each trained model, checked against PyTorch before it is kept.
 
 In:  models/mlp.pt; models/skorch_params.pt; data/processed/test_*.npy; params.yaml ``model``.
-Out: models/mlp.onnx, models/skorch.onnx   one self-contained file each (no .onnx.data beside it)
+Out: models/mlp.onnx, models/skorch.onnx   one self-contained file each (the contract: docs/use-the-model.md)
      metrics/export.json   per model: onnx_bytes, and the parity it passed: test_images,
                            max_abs_diff_allowed, argmax_agreement
 
-The contract of both files (also in the README and in dvc.yaml's artifacts):
-one input ``images``, float32, shape (N, 28, 28), values in [0, 1], a white
-digit on black; one output ``logits``, float32, shape (N, 10); N dynamic.
-
-Each model is exported with ``torch.onnx.export(..., dynamo=True)``, then run
-by ONNX Runtime on all 10,000 test images and compared with PyTorch. Unless
-the largest absolute logit difference is at most ``MAX_ABS_DIFF`` and the
-argmax agrees on every image, the stage fails and keeps no ONNX file.
-export.json records the check that passed, not the measured difference or
-ONNX Runtime's speed (both printed): ONNX Runtime picks its kernels by CPU
-and a timing by machine load, and dvc.lock hashes the file.
+Unless ONNX Runtime's logits are within ``MAX_ABS_DIFF`` of PyTorch's and every argmax
+agrees, on all test images, the stage fails and keeps no file. The measured difference
+and speed are printed, not recorded: both depend on the CPU, and dvc.lock hashes the file.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +23,7 @@ from mnist_dvc.data import IMAGE_SIDE, load_split
 from mnist_dvc.onnx_runtime import check_contract, onnx_session
 from mnist_dvc.model import TRAINED_BY, configure_torch, load_trained, predict_logits
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import StageError, atomic_file, run_stage, write_json
+from mnist_dvc.stage import StageError, atomic_file, parse_paths, run_stage, write_json
 
 MAX_ABS_DIFF = 1e-4
 OPSET = 18
@@ -67,11 +57,10 @@ def check(name: str, data: bytes, model: torch.nn.Module, images: torch.Tensor) 
         raise StageError(f"{name}: the ONNX model's output is {session.get_outputs()[0].name!r}, not 'logits'")
     expected = predict_logits(model, images, TIMING_BATCH).numpy()
     array = images.numpy()
-    batches = [array[i:i + TIMING_BATCH] for i in range(0, len(array), TIMING_BATCH)]
     got, seconds = [], []
-    for batch in batches:
+    for start in range(0, len(array), TIMING_BATCH):
         started = time.perf_counter()
-        got.append(session.run(["logits"], {"images": batch})[0])
+        got.append(session.run(["logits"], {"images": array[start:start + TIMING_BATCH]})[0])
         seconds.append(time.perf_counter() - started)
     got = np.concatenate(got)
     max_abs_diff = float(np.abs(got - expected).max())
@@ -87,14 +76,9 @@ def check(name: str, data: bytes, model: torch.nn.Module, images: torch.Tensor) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/processed"))
-    parser.add_argument("--manual", type=Path, default=Path("models/mlp.pt"))
-    parser.add_argument("--skorch", type=Path, default=Path("models/skorch_params.pt"))
-    parser.add_argument("--manual-onnx", type=Path, default=Path("models/mlp.onnx"))
-    parser.add_argument("--skorch-onnx", type=Path, default=Path("models/skorch.onnx"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/export.json"))
-    args = parser.parse_args(argv)
+    args = parse_paths(__doc__, argv, data="data/processed", manual="models/mlp.pt",
+                       skorch="models/skorch_params.pt", manual_onnx="models/mlp.onnx",
+                       skorch_onnx="models/skorch.onnx", metrics="metrics/export.json")
     model_params = load_section("model")
     configure_torch(1, "cpu", load_section("numerics").cpu)
     # Both loaded, or refused, before the first (slow) export.

@@ -1,27 +1,20 @@
 """feedback: check the corrections collected in the web app, and count them.
 
-In:  data/feedback/ (in git: its .gitignore, and pictures.dvc once the
-     collection is versioned), data/feedback/pictures/ (labels.csv and
-     <sha256>.png, written by `serve --collect data/feedback/pictures`),
-     maybe absent; params.yaml ``preprocess.feedback.holdout``.
+In:  data/feedback/ (in git; pictures/ from `serve --collect`, maybe absent); ``preprocess.feedback.holdout``.
 Out: metrics/feedback.json   {"pictures": N, "held_out": K}
 
-DVC reruns this stage, and preprocess, exactly when data/feedback changes:
-the folder is in git, so it exists in every clone, and holds the pictures
-(or nothing yet). With none collected, `dvc status` is clean after a
-repro, and a no-op repro starts no process. Where pictures.dvc is committed
-but its data was not pulled, the stage stops with one line instead:
-training would otherwise go on without the corrections.
+DVC reruns it, and preprocess, exactly when data/feedback changes (docs/feedback.md,
+"In the pipeline"). Where pictures.dvc is committed but its data was not pulled, it
+stops with one line: training would otherwise go on without the corrections.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from mnist_dvc.data import FEEDBACK_LABELS, feedback_held_out, missing_feedback, read_feedback_labels
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import StageError, run_stage, write_json
+from mnist_dvc.stage import StageError, parse_paths, run_stage, write_json
 
 
 def files_recorded(dvc_file: Path) -> int:
@@ -51,10 +44,7 @@ def check_pulled(folder: Path, missing: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=Path("data/feedback/pictures"))
-    parser.add_argument("--record", type=Path, default=Path("metrics/feedback.json"))
-    args = parser.parse_args(argv)
+    args = parse_paths(__doc__, argv, folder="data/feedback/pictures", record="metrics/feedback.json")
     holdout = load_section("preprocess").feedback.holdout
     folder = args.folder
 

@@ -1,28 +1,21 @@
 """fit: the same MLP and hyperparameters, trained by skorch's NeuralNetClassifier.
 
-In:  data/processed/{train,val}_{images,labels}.npy, and feedback_train_* where
-     preprocess wrote it; params.yaml ``model`` and ``train``.
+In:  data/processed/{train,val}_*.npy, and feedback_train_* where preprocess wrote it;
+     params.yaml ``model`` and ``train``.
 Out: models/skorch_params.pt (the module's state_dict, via ``save_params``);
      metrics/fit/ (DVCLive: train/loss, val/loss, val/accuracy per epoch).
 
-The net is built in mnist_dvc/skorch_net.py, where a comment explains why it
-needs ``criterion=CrossEntropyLoss`` (the classic tutorial's NaN loss).
-Where people's corrections were collected (docs/feedback.md), ``partial_fit``
-goes on for ``train.feedback.epochs`` on the ``feedback_train`` split at
-``train.lr * train.feedback.lr_scale``, without the schedule: what train's
-loop does, so both still learn the same weights.
+The net: mnist_dvc/skorch_net.py (why ``criterion=CrossEntropyLoss``: docs/design.md).
+With corrections, ``partial_fit`` goes on as train's loop does (docs/feedback.md).
 """
 
 from __future__ import annotations
-
-import argparse
-from pathlib import Path
 
 from mnist_dvc.data import load_optional_split, load_split
 from mnist_dvc.model import configure_torch, needs_scheduler, resolve_device
 from mnist_dvc.params import load_section
 from mnist_dvc.skorch_net import DvcLiveLogger, StopWhenDiverged, build_net
-from mnist_dvc.stage import atomic_dir, atomic_file, run_stage
+from mnist_dvc.stage import atomic_dir, atomic_file, parse_paths, run_stage
 
 
 def fit(model_params, train_params, train_split, val_split, live_dir=None, feedback_split=None):
@@ -52,11 +45,7 @@ def fit(model_params, train_params, train_split, val_split, live_dir=None, feedb
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/processed"))
-    parser.add_argument("--model", type=Path, default=Path("models/skorch_params.pt"))
-    parser.add_argument("--live", type=Path, default=Path("metrics/fit"))
-    args = parser.parse_args(argv)
+    args = parse_paths(__doc__, argv, data="data/processed", model="models/skorch_params.pt", live="metrics/fit")
     model_params, train_params = load_section("model"), load_section("train")
     configure_torch(train_params.threads, resolve_device(train_params.device), load_section("numerics").cpu)
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")

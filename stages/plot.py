@@ -12,7 +12,6 @@ Drawn through mnist_dvc/figures.py: the same inputs give the same bytes. No torc
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import warnings
@@ -24,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from mnist_dvc.data import N_CLASSES, confusion_counts, label_outside, load_stored_split
 from mnist_dvc.figures import plt, save_png
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import StageError, run_stage
+from mnist_dvc.stage import StageError, parse_paths, run_stage
 
 TRAININGS = {"manual": "explicit loop (train)", "skorch": "skorch (fit)"}
 RERUN_EVALUATE = "rerun `dvc repro evaluate`"
@@ -145,11 +144,7 @@ def accuracy_bars(metrics: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/processed"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
-    parser.add_argument("--out", type=Path, default=Path("plots"))
-    args = parser.parse_args(argv)
+    args = parse_paths(__doc__, argv, data="data/processed", metrics="metrics", out="plots")
     params = load_section("plot")
     evaluation = read_evaluation(args.metrics / "evaluate.json")
     images, labels = load_stored_split(args.data, "test")

@@ -1,44 +1,31 @@
 """preprocess: validate the raw IDX files and write train/val/test tensors.
 
-In:  data/raw/*.gz; data/feedback/ (pictures corrected in the web app, maybe
-     none); params.yaml ``preprocess`` (val_size, seed, feedback).
-Out: data/processed/{train,val,test}_{images,labels}.npy (uint8 images,
-     int64 labels), and feedback_{images,labels}.npy and
-     feedback_train_{images,labels}.npy where pictures were collected;
-     metrics/data.json (images per split and per class).
+In:  data/raw/*.gz; data/feedback/ (corrections from the web app, maybe none); params.yaml ``preprocess``.
+Out: data/processed/{train,val,test}_{images,labels}.npy (uint8 images, int64 labels), and
+     feedback_{,train_}{images,labels}.npy where pictures were collected; metrics/data.json (counts).
 
-The validation split is carved from the 60,000 training images, stratified
-by class and seeded, so every class keeps its share in both parts. With
-``val_size: 0`` the val split is written empty and the trainings log no
-validation. The collected pictures are split by content hash: a
-``feedback.holdout`` fraction becomes the ``feedback`` test split; the others,
-each ``feedback.repeat`` times (a few hundred among 60,000 would otherwise
-barely move the weights), and as many of MNIST's training images (so the
-models do not forget MNIST's style) make the ``feedback_train`` split, which
-both trainings learn from after their epochs on the training split
-(``train.feedback``). The training split itself never changes: with or
-without corrections, the trainings' first epochs are the same. With none
-collected, the outputs are byte for byte those of a project without
-feedback. This stage needs no torch: it starts in a fraction of a second.
+The validation split is carved from the 60,000 training images, stratified and seeded
+(``val_size: 0``: an empty one). How corrections become the ``feedback`` and ``feedback_train``
+splits: docs/feedback.md, "In the pipeline"; without any, the outputs are a project's without
+feedback, byte for byte. No torch here.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from mnist_dvc.data import N_CLASSES, feedback_held_out, load_feedback, read_raw_pair, save_split, split_paths
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import StageError, run_stage, write_json
+from mnist_dvc.stage import StageError, parse_paths, run_stage, write_json
 
 
 def split_train_val(images, labels, val_size, seed):
     """Stratified, seeded split of the training set; val_size 0 gives an empty val set."""
     if not val_size:
         return images, labels, images[:0], labels[:0]
-    from sklearn.model_selection import train_test_split  # 0.7 s to import: only when splitting
+    from sklearn.model_selection import train_test_split  # imported only when splitting (docs/performance.md)
 
     try:
         train_x, val_x, train_y, val_y = train_test_split(
@@ -73,19 +60,12 @@ def split_summary(labels: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
-    parser.add_argument("--feedback", type=Path, default=Path("data/feedback/pictures"))
-    parser.add_argument("--out", type=Path, default=Path("data/processed"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/data.json"))
-    args = parser.parse_args(argv)
+    args = parse_paths(__doc__, argv, raw="data/raw", feedback="data/feedback/pictures", out="data/processed",
+                       metrics="metrics/data.json")
     params = load_section("preprocess")
-
     train_images, train_labels = read_raw_pair(args.raw, "train")
     test_images, test_labels = read_raw_pair(args.raw, "test")
-    train_x, train_y, val_x, val_y = split_train_val(
-        train_images, train_labels, params.val_size, params.seed
-    )
+    train_x, train_y, val_x, val_y = split_train_val(train_images, train_labels, params.val_size, params.seed)
     feedback_train, feedback_test = split_feedback(args.feedback, params.feedback.holdout)
     splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_images, test_labels)}
     if len(feedback_test[1]):

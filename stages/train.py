@@ -1,32 +1,18 @@
 """train: the MLP with an explicit PyTorch loop, every moving part in sight.
 
-In:  data/processed/{train,val}_{images,labels}.npy, and feedback_train_* where
-     preprocess wrote it; params.yaml ``model`` and ``train``.
-Out: models/mlp.pt (a state_dict); metrics/train/ (DVCLive: metrics.json and
-     per-epoch train/loss, val/loss, val/accuracy under plots/).
+In:  data/processed/{train,val}_*.npy, and feedback_train_* where preprocess wrote it;
+     params.yaml ``model`` and ``train``.
+Out: models/mlp.pt (a state_dict); metrics/train/ (DVCLive: train/loss, val/loss, val/accuracy per epoch).
 
-The data stays in memory as one float tensor; each epoch draws a permutation
-of indices from an explicit, seeded ``torch.Generator`` and slices whole
-batches out of it, so there is no per-sample Python work and no DataLoader.
-Options on top of the tutorial's loop (params.yaml ``train``): a learning-rate
-schedule stepped after every batch, weight decay, and augmentation of each
-batch (mnist_dvc/augment.py), all built by the same functions skorch's net
-uses (mnist_dvc/skorch_net.py), so that ``fit`` learns the same weights.
-
-Where people's corrections were collected (docs/feedback.md), the loop goes
-on for ``train.feedback.epochs`` on the ``feedback_train`` split, at
-``train.lr * train.feedback.lr_scale``, with no schedule: the same
-optimizer, generators and logging, as skorch's ``partial_fit`` does in ``fit``.
-
-On a GPU the same step can run as one CUDA graph (``train.cuda_graph``;
-the variant lives in mnist_dvc/cuda_graph.py): the loop here stays the one
-that runs on the CPU and the reference the graph is measured against.
+The data stays in memory as one tensor; each epoch slices whole batches out of
+a seeded permutation, without a DataLoader. The options (schedule, weight decay,
+augmentation) are built by the same functions as skorch's net, so ``fit`` learns
+the same weights (docs/design.md). With corrections, ``train.feedback.epochs``
+follow on the ``feedback_train`` split (docs/feedback.md, "In the pipeline").
+On a GPU the step can run as one CUDA graph (mnist_dvc/cuda_graph.py).
 """
 
 from __future__ import annotations
-
-import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,18 +34,16 @@ from mnist_dvc.model import (
     schedule_steps,
 )
 from mnist_dvc.params import load_section
-from mnist_dvc.stage import atomic_dir, atomic_file, run_stage
+from mnist_dvc.stage import atomic_dir, atomic_file, parse_paths, run_stage
 
 
 def seeded_generators(seed: int) -> dict[str, torch.Generator]:
-    """Every draw of a run from an explicit generator seeded by ``train.seed``, as skorch's net
-    does: the batch order and the augmentation (dropout masks come from the model's own)."""
+    """The run's seeded generators, as skorch's net has them: batch order, augmentation (dropout: the model's)."""
     return {"batches": torch.Generator().manual_seed(seed), "augment": augment_generator(seed)}
 
 
 def batch_order(count: int, generator: torch.Generator, device) -> torch.Tensor:
-    """An epoch's random order of ``count`` images, drawn on the CPU from ``generator``
-    (so every device sees the same order), then moved to ``device``."""
+    """An epoch's random order of ``count`` images, drawn on the CPU (the same on every device)."""
     return torch.randperm(count, generator=generator).to(device)
 
 
@@ -88,19 +72,15 @@ def train_epoch(model, optimizer, images, labels, train_params, generators, sche
 def end_epoch(model, train_loss, epoch, desc, val_images, val_labels, live=None) -> None:
     """After an epoch: stop on a non-finite loss; the loss and validation figures to ``live`` and stdout."""
     check_finite_loss(train_loss, epoch)
-    line = f"{desc}: train/loss {train_loss:.4f}"
-    if live is not None:
-        live.log_metric("train/loss", train_loss)
+    metrics = {"train/loss": train_loss}
     if len(val_images):
-        val_logits = predict_logits(model, val_images, 1000)
-        val_loss, val_accuracy = loss_and_accuracy(val_logits, val_labels)
-        line += f"  val/loss {val_loss:.4f}  val/accuracy {val_accuracy:.4f}"
-        if live is not None:
-            live.log_metric("val/loss", val_loss)
-            live.log_metric("val/accuracy", val_accuracy)
+        metrics["val/loss"], metrics["val/accuracy"] = loss_and_accuracy(
+            predict_logits(model, val_images, 1000), val_labels)
+    print(f"{desc}: " + "  ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
     if live is not None:
+        for name, value in metrics.items():
+            live.log_metric(name, value)
         live.next_step()
-    print(line)
 
 
 def train(model_params, train_params, train_split, val_split, live=None, feedback_split=None):
@@ -138,19 +118,14 @@ def train(model_params, train_params, train_split, val_split, live=None, feedbac
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/processed"))
-    parser.add_argument("--model", type=Path, default=Path("models/mlp.pt"))
-    parser.add_argument("--live", type=Path, default=Path("metrics/train"))
-    args = parser.parse_args(argv)
+    args = parse_paths(__doc__, argv, data="data/processed", model="models/mlp.pt", live="metrics/train")
     model_params, train_params = load_section("model"), load_section("train")
     configure_torch(train_params.threads, resolve_device(train_params.device), load_section("numerics").cpu)
     train_split, val_split = load_split(args.data, "train"), load_split(args.data, "val")
     feedback_split = load_optional_split(args.data, "feedback_train")
     from dvclive import Live  # imported where used: the benchmarks import this module without it
 
-    # DVCLive fills its folder as training goes: it writes a new one, which replaces
-    # the last good one only once the model is saved.
+    # DVCLive fills a new folder, which replaces the last good one only once the model is saved.
     with atomic_dir(args.live) as live_dir:
         with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
             model = train(model_params, train_params, train_split, val_split, live, feedback_split)

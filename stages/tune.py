@@ -66,11 +66,8 @@ def default_signals() -> None:
 
 
 def local_workers(device):
-    """Where tune.n_jobs > 1 fits run on this machine: forked processes, on Linux, on the CPU.
-
-    They start with torch, skorch and the data in memory, where joblib's default (loky) imports them
-    again (docs/performance.md). Without a safe fork (macOS, Windows) or on a GPU: joblib's default.
-    """
+    """Where tune.n_jobs > 1 fits run: forked processes on Linux's CPU, which start with torch, skorch and the
+    data in memory (loky imports them again: docs/performance.md); elsewhere, and on a GPU, joblib's default."""
     if sys.platform != "linux" or device.type == "cuda":
         return contextlib.nullcontext()
     return joblib.parallel_config(backend="multiprocessing", context=multiprocessing.get_context("fork"),
