@@ -16,12 +16,10 @@ are the ``s3server`` plugin.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from mnist_dvc import numerics
 
@@ -30,31 +28,11 @@ from mnist_dvc import numerics
 # processes' children (dvc, servers) inherit them.
 numerics.pin(numerics.DEFAULT)
 
-from helpers import (REPRODUCED_OVERRIDES, chromium, dvc, make_project, md5_of, missing_browser, sh, write_mirror,
-                     write_params)
+from helpers import (REPRODUCED_OVERRIDES, chromium, dvc, make_project, md5_of, missing_browser, sh, shared_once,
+                     write_mirror, write_params)
 from mnist_dvc.data import RAW_FILES
 
 pytest_plugins = ["s3server"]
-
-
-def shared_once(tmp_path_factory, name: str, build) -> Path:
-    """``build(folder)`` run once per test run, whichever xdist worker asks first; the folder.
-
-    Under pytest-xdist every worker has its own basetemp below one shared
-    parent: the folder lives in that parent, and a lock makes the others wait
-    for the first build instead of repeating it.
-    """
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    folder = root / name
-    with FileLock(str(root / f"{name}.lock")):
-        if not (root / f"{name}.done").exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build(folder)
-            (root / f"{name}.done").touch()
-    return folder
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from filelock import FileLock
 
 from mnist_dvc.data import RAW_FILES
 
@@ -459,3 +460,23 @@ def chromium(profile_dir: Path, width: int = 1180, height: int = 860, offline: b
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once per test run, whichever xdist worker asks first; the folder.
+
+    Under pytest-xdist every worker has its own basetemp below one shared
+    parent: the folder lives in that parent, and a lock makes the others wait
+    for the first build instead of repeating it.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (root / f"{name}.done").touch()
+    return folder

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import ask, dvc, scanned_digits, sh, start_server
+from helpers import ask, dvc, scanned_digits, sh, shared_once, start_server
 
 from mnist_dvc.apps import registry, serve
 from mnist_dvc.apps.feedback import FeedbackStore
@@ -60,15 +60,31 @@ def expected(repo: Path, version: str, picture: bytes) -> dict[str, list[float]]
     return {name: rows[0].tolist() for name, rows in served.predictor.probabilities(to_mnist(picture)[None]).items()}
 
 
+@pytest.fixture(scope="session")
+def shared_staged(tmp_path_factory, reproduced) -> tuple[Path, str, str]:
+    """A copy of ``reproduced`` with its models as the first version, in prod, and scaled weights as
+    the second, registered; beside it first/models, the first version's files. Made once per test
+    run and shared: read it only (tests that change it use ``staged``)."""
+    def build(folder: Path) -> None:
+        repo = folder / "repo"
+        shutil.copytree(reproduced, repo, symlinks=True)
+        shutil.copytree(repo / "models", folder / "first" / "models")
+        first = release(repo, sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip())
+        registry.assign_group(repo, first, "prod", "test: first")
+        second = release(repo, commit_scaled_models(repo, 0.5, "scaled"))
+        (folder / "versions.json").write_text(json.dumps([first, second]))
+
+    folder = shared_once(tmp_path_factory, "staged", build)
+    first, second = json.loads((folder / "versions.json").read_text())
+    return folder / "repo", first, second
+
+
 @pytest.fixture
-def staged(copy_project) -> tuple[Path, str, str]:
-    """A project copy with v1.0.0 (the reproduced models) in prod and v1.1.0 (scaled weights) registered."""
-    repo = copy_project()
-    shutil.copytree(repo / "models", repo.parent / "first" / "models")  # the first version's files, to compare
-    first = release(repo, sh("git", "rev-parse", "HEAD", cwd=repo).stdout.strip())
-    registry.assign_group(repo, first, "prod", "test: first")
-    second = release(repo, commit_scaled_models(repo, 0.5, "scaled"))
-    return repo, first, second
+def staged(shared_staged, tmp_path) -> tuple[Path, str, str]:
+    """A copy of ``shared_staged`` of this test's own, to change."""
+    repo, first, second = shared_staged
+    shutil.copytree(repo.parent, tmp_path / "staged", symlinks=True)
+    return tmp_path / "staged" / "repo", first, second
 
 
 def wait_for_version(url: str, version: str) -> float:
@@ -164,8 +180,9 @@ def test_a_version_whose_files_are_in_no_cache_or_fail_their_sha256_is_not_swapp
     assert "models/skorch_params.pt: sha256 differs" in lines[2] and follower.current.release.version == first
 
 
-def test_api_model_names_each_artifact_and_the_page_shows_the_version(staged):
-    repo, first, _ = staged
+@pytest.mark.xdist_group("shared_staged")  # one at a time: they read one project
+def test_api_model_names_each_artifact_and_the_page_shows_the_version(shared_staged):
+    repo, first, _ = shared_staged
     follower = Follower(repo, "prod", log=lambda line: None)
     follower.check()
     app = create_app(None, None, follower)
@@ -236,11 +253,12 @@ def test_only_loopback_addresses_count_as_loopback(host, loopback):
     assert serve.is_loopback(host) is loopback
 
 
-def test_predict_with_stage_uses_the_stage_version_not_the_workspace(staged, capsys):
+@pytest.mark.xdist_group("shared_staged")  # one at a time: they read one project
+def test_predict_with_stage_uses_the_stage_version_not_the_workspace(shared_staged, capsys, tmp_path):
     from mnist_dvc.apps import predict
 
-    repo, first, second = staged  # the workspace holds the second version's (scaled) models; prod is the first
-    picture = repo.parent / "digit.png"
+    repo, first, second = shared_staged  # the workspace holds the second version's models; prod the first's
+    picture = tmp_path / "digit.png"
     picture.write_bytes(scanned_digits(1)[0])
     assert predict.main([str(picture), "--json", "--stage", "prod", "--models-root", str(repo)]) == 0
     out = capsys.readouterr()
@@ -250,7 +268,8 @@ def test_predict_with_stage_uses_the_stage_version_not_the_workspace(staged, cap
     assert not np.allclose(answer["manual"]["probabilities"], expected(repo, second, picture.read_bytes())["manual"])
 
 
-def test_the_page_shows_the_version_and_asks_for_the_token_once(staged, tmp_path, monkeypatch):
+@pytest.mark.xdist_group("shared_staged")  # one at a time: they read one project
+def test_the_page_shows_the_version_and_asks_for_the_token_once(shared_staged, tmp_path, monkeypatch):
     """Headless Chromium: the footer names the version; the first correction asks for the token, the next not."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -261,7 +280,7 @@ def test_the_page_shows_the_version_and_asks_for_the_token_once(staged, tmp_path
     reason = missing_browser()
     if reason:
         pytest.skip(reason)
-    repo, first, _ = staged
+    repo, first, _ = shared_staged
     folder, picture = tmp_path / "feedback", tmp_path / "digit.png"
     monkeypatch.setenv(serve.TOKEN_ENV, "page-token")
     server = start_server(repo, "--stage", "prod", "--collect", str(folder))
