@@ -33,8 +33,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from helpers import copy_sources  # noqa: E402 (the files a project copy needs: one list for tests and benchmarks)
+
 SHARED = REPO.parent / "shared" / "datasets" / "mnist"
-PROJECT_FILES = ["stages", "mnist_dvc", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
 
 
@@ -48,13 +50,9 @@ def run(cmd: list[str] | str, cwd: Path, **kwargs) -> subprocess.CompletedProces
 
 
 def make_copy(dest: Path, mirror: Path | None, md5: dict[str, str]) -> None:
-    for name in PROJECT_FILES:
-        src, dst = REPO / name, dest / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    """The sources as the tests copy them, with the real params.yaml, committed."""
+    copy_sources(dest)
+    shutil.copy2(REPO / "params.yaml", dest / "params.yaml")
     params = yaml.safe_load((dest / "params.yaml").read_text())
     if mirror is not None:
         params["download"]["mirrors"].insert(0, mirror.resolve().as_uri() + "/")

@@ -267,9 +267,8 @@ def dvc(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return sh(DVC, *args, cwd=cwd, **kwargs)
 
 
-def make_project(dest: Path, mirror: tuple[Path, dict[str, str]], **overrides) -> Path:
-    """A git repository with the project's sources and a fast params.yaml, committed."""
-    dest.mkdir(parents=True, exist_ok=True)
+def copy_sources(dest: Path) -> None:
+    """PROJECT_FILES, from this checkout's working tree, into ``dest`` (benchmarks/pipeline_time.py too)."""
     for name in PROJECT_FILES:
         src, dst = REPO / name, dest / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -277,6 +276,12 @@ def make_project(dest: Path, mirror: tuple[Path, dict[str, str]], **overrides) -
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
+
+
+def make_project(dest: Path, mirror: tuple[Path, dict[str, str]], **overrides) -> Path:
+    """A git repository with the project's sources and a fast params.yaml, committed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copy_sources(dest)
     folder, md5 = mirror
     write_params(dest, folder.as_uri() + "/", md5, **overrides)
     sh("git", "init", "-q", "-b", "main", cwd=dest)
