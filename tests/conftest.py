@@ -141,8 +141,7 @@ def pytest_collection_modifyitems(items):
     the independent tests that follow. The group keeps the place of its first
     test (``--no-loadscope-reorder``) instead of going first, where its worker
     would build ``reproduced`` while the next worker to need it waited.
-    (pytest-xdist 3.8 under pytest 9.2 ignores groups, pytest-dev/pytest-xdist#1386:
-    the readers then go in file order like the rest, still correct.)
+    (pyproject.toml keeps pytest below 9.2, under which xdist ignores groups.)
     """
     for item in items:
         if "experiments" in item.fixturenames:
