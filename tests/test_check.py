@@ -63,3 +63,14 @@ def test_an_output_that_differs_after_a_param_change_names_the_param_and_fails_o
     assert result.returncode == 0, result.stdout + result.stderr
     assert "train: DIFFERENT models/mlp.pt; likely cause: inputs changed since the commit: params train" in result.stdout
     assert check(repo, "--strict").returncode == 1
+
+
+def test_a_revision_without_a_dvc_lock_is_one_line_and_exit_2(copy_project):
+    repo = copy_project()
+    first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.strip()  # the sources alone, before `dvc repro`
+    for rev, reason in ((first, "does not exist"), ("no-such-rev", "unknown Git revision 'no-such-rev'")):
+        result = check(repo, "--rev", rev)
+        assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+        assert result.stderr.startswith(f"error: cannot compare dvc.lock at {rev} with the workspace's: "), result.stderr
+        assert reason in result.stderr and result.stderr.count("\n") == 1, result.stderr

@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,27 @@ def test_an_out_folder_holding_other_files_is_refused(experiments, tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: --out ") and "notes.txt" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
+
+
+@pytest.mark.e2e
+def test_a_table_with_no_rows_or_other_columns_is_one_error_line_and_no_warning(copy_project):
+    repo = copy_project()
+    loss, predictions = repo / "metrics/train/plots/metrics/train/loss.tsv", repo / "metrics/predictions/manual.csv"
+    good = loss.read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "loadtxt: input contained no data" fails the test
+        for path, text in ((loss, "step\tloss\n"), (loss, "step\n0\n1\n"), (predictions, "actual,predicted\n")):
+            loss.unlink()  # never write through a link into the DVC cache
+            loss.write_text(good)
+            path.unlink(missing_ok=True)
+            path.write_text(text)
+            if text == "step\tloss\n":  # DVCLive's header before the first step: an empty curve
+                steps, values = read(repo, report.WORKSPACE).curves["train/loss"]["train"]
+                assert len(steps) == len(values) == 0
+                continue
+            with pytest.raises(report.ReportError) as refused:
+                read(repo, report.WORKSPACE)
+            assert str(refused.value).startswith(f"workspace:{path.relative_to(repo)} is not ")
 
 # --- without DVC: revisions made in memory ----------------------------------------------
 

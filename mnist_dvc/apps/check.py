@@ -4,8 +4,8 @@
     make check
 
 Compares the output hashes of the workspace's dvc.lock with those committed at ``--rev``; where they differ, says
-by how much and the likely cause (docs/reproducibility.md). Exit status 1 where outputs differ that the portable
-numerics should have kept equal, or with ``--strict`` (CI) where any does. The last line is the docs' CPU table row.
+by how much and the likely cause (docs/reproducibility.md). Exit 1 where outputs differ that the portable numerics
+should have kept equal, or with ``--strict`` (CI) where any does; 2 without a dvc.lock. Last line: the CPU table row.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 import dvc.api
+from dvc.exceptions import DvcException
 from ruamel.yaml import YAML
 
 from mnist_dvc import numerics
+from mnist_dvc.apps.registry import one_line
 
 MODELS = ("manual", "skorch")  # metrics/evaluate.json's keys (mnist_dvc.model.TRAINED_BY, without importing torch)
 
@@ -78,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 on any difference (for CI)")
     args = parser.parse_args(argv)
     yaml = YAML(typ="safe", pure=True)
-    committed, rebuilt = (yaml.load(read_at("dvc.lock", rev))["stages"] for rev in (args.rev, None))
+    try:
+        committed, rebuilt = ((yaml.load(read_at("dvc.lock", rev)) or {}).get("stages", {}) for rev in (args.rev, None))
+    except (DvcException, OSError) as exc:  # an unknown revision, or no dvc.lock there or in the workspace
+        print(f"error: cannot compare dvc.lock at {args.rev} with the workspace's: {one_line(exc)}", file=sys.stderr)
+        return 2
     portable, why_not = portable_here()
     unexplained, differing = [], []
     # Where each rebuilt output differs from the committed one: a stage that reads it differs because of it.

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import softmax
 
-from mnist_dvc.apps.registry import ARTIFACTS, Release, RegistryError, fetch_release, release_in_stage, sha256_of
+from mnist_dvc.apps.registry import (ARTIFACTS, Release, RegistryError, fetch_release, one_line, release_in_stage,
+                                     sha256_of)
 from mnist_dvc.data import IMAGE_SIDE
 from mnist_dvc.onnx_runtime import check_contract, onnx_session
 from mnist_dvc.stage import StageError
@@ -65,8 +66,7 @@ class Predictor:
         try:
             session = onnx_session(str(path))
         except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise StageError(f"{path}: not a usable ONNX model ({reason}); {GET_MODELS}") from None
+            raise StageError(f"{path}: not a usable ONNX model ({one_line(exc)}); {GET_MODELS}") from None
         check_contract(session, path)
         return lambda images: session.run(None, {"images": images})[0]
 

@@ -59,10 +59,8 @@ def writable_folder(value: str) -> Path:
 
 
 def save_inputs(folder: Path, inputs: dict[int, np.ndarray], paths: list[str]) -> list[str]:
-    """Write each 28x28 input as ``<n>-<stem>.png``, numbered in the order given; a long stem is shortened.
-
-    Returns one line per input that could not be written (the others are).
-    """
+    """Write each 28x28 input as ``<n>-<stem>.png``, numbered in the order given (a long stem shortened);
+    returns one line per input that could not be written (the others are)."""
     failed = []
     for index, image in inputs.items():
         stem = Path(paths[index]).stem

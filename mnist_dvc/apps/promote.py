@@ -218,8 +218,7 @@ def promote(root: Path, rev: str, stage: str, force: bool, message: str | None) 
     if failed and not force:
         for line in failed:
             print(f"failed: {line}", file=sys.stderr)
-        print(f"not promoted: {version} stays out of {stage}"
-              + (f" ({current.version} stays)" if current else "")
+        print(f"not promoted: {version} stays out of {stage}" + (f" ({current.version} stays)" if current else "")
               + "; fix the above, or override with --force --message WHY", file=sys.stderr)
         return 1
     against = f"against {base.version}" if base else "first promotion"

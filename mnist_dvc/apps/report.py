@@ -134,17 +134,17 @@ def read_revision(root: Path, name: str) -> Revision:
             plots = f"{folder}/plots/metrics"
             for path in sorted(p for p in fs.find(plots) if p.endswith(".tsv")):
                 curve = path[len(plots) + 1:-len(".tsv")]  # e.g. train/loss, val/accuracy
-                try:  # step<TAB>value, under a header; UnicodeDecodeError is a ValueError
-                    table = np.loadtxt(fs.read_text(path, encoding="utf-8").splitlines(), delimiter="\t", skiprows=1,
-                                       ndmin=2)
-                except ValueError:
+                try:  # step<TAB>value, under a header (no rows: no curve); UnicodeDecodeError is a ValueError
+                    rows = fs.read_text(path, encoding="utf-8").splitlines()[1:]
+                    table = np.loadtxt(rows, delimiter="\t", ndmin=2) if rows else np.zeros((0, 2))
+                    revision.curves.setdefault(curve, {})[training] = table[:, 0].astype(int), table[:, 1]
+                except (ValueError, IndexError):  # IndexError: one column
                     raise ReportError(f"{name}:{path} is not DVCLive's step<TAB>value table") from None
-                revision.curves.setdefault(curve, {})[training] = table[:, 0].astype(int), table[:, 1]
         for model in MODELS:
             path = f"metrics/predictions/{model}.csv"
-            try:  # actual,predicted, under a header
-                table = np.loadtxt(fs.read_text(path, encoding="utf-8").splitlines(), delimiter=",", skiprows=1,
-                                   dtype=np.int64, ndmin=2)
+            try:  # actual,predicted, under a header (no rows: refused below, with no numpy warning before)
+                rows = fs.read_text(path, encoding="utf-8").splitlines()[1:]
+                table = np.loadtxt(rows, delimiter=",", dtype=np.int64, ndmin=2) if rows else np.zeros((0, 0), np.int64)
             except ValueError:
                 table = np.zeros((0, 0), np.int64)
             if table.shape[1:] != (2,) or table.size == 0 or table.min() < 0 or table.max() >= N_CLASSES:

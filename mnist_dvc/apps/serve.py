@@ -330,13 +330,11 @@ def create_app(predictor: Predictor | None, store: FeedbackStore | None = None, 
         served = current()
         version, commit = (served.release.version, served.release.commit) if served.release else (None, None)
         in_use = set(served.predictor.files.values())
-        return JSONResponse({
-            "stage": served.stage, "version": version, "commit": commit,
-            "last_error": follower.last_error if follower else None,
-            "artifacts": [{"name": name, "version": version, "stage": served.stage, "commit": commit,
-                           "path": path, "sha256": served.sha256[path], "in_use": path in in_use}
-                          for name, path in ARTIFACTS.items()],
-        })
+        return JSONResponse({"stage": served.stage, "version": version, "commit": commit,
+                             "last_error": follower.last_error if follower else None,
+                             "artifacts": [{"name": name, "version": version, "stage": served.stage, "commit": commit,
+                                            "path": path, "sha256": served.sha256[path], "in_use": path in in_use}
+                                           for name, path in ARTIFACTS.items()]})
 
     @app.post("/api/predict", responses={200: {"model": PredictAnswer}, **ERRORS})
     async def predict(request: Request) -> Response:
@@ -346,8 +344,7 @@ def create_app(predictor: Predictor | None, store: FeedbackStore | None = None, 
     @app.post("/api/feedback", status_code=201, responses={
         201: {"model": Correction, "description": "a new picture"},
         200: {"model": Correction, "description": "a picture already stored: its label replaced"},
-        401: {"model": ErrorAnswer}, 403: {"model": ErrorAnswer}, 409: {"model": ErrorAnswer},
-        507: {"model": ErrorAnswer}, **ERRORS})
+        **{status: {"model": ErrorAnswer} for status in (401, 403, 409, 507)}, **ERRORS})
     async def feedback(request: Request, label: int = Query(ge=0, le=N_CLASSES - 1,
                                                             description="the right digit")) -> Response:
         """Store a correction: the picture (as for /api/predict) and its right digit, ``?label=N``."""
