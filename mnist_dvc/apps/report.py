@@ -38,7 +38,8 @@ METRIC_FILES = {"metrics/evaluate.json": "both trainings on the test set (evalua
                 "metrics/tune.json": "the grid search's best mean CV accuracy and its point (tune stage)",
                 "metrics/export.json": "the ONNX copies against PyTorch: argmax agreement, largest logit "
                                        "difference, size, speed (export stage)"}
-KINDS = {"branches": "branch", "tags": "tag", "experiments": "experiment"}  # named_revisions' keys, singular
+# named_revisions' kinds, singular; experiments last: a branch or tag is named without `dvc exp show`, the slow one
+KINDS = {"branches": "branch", "tags": "tag", "experiments": "experiment"}
 MAX_DIGITS = 24  # pictures per group of changed digits
 DPI = 90
 REPORT_FILES = ("report.html", "report.md")
@@ -71,18 +72,18 @@ def project_root(start: Path) -> Path:
 
 
 @functools.cache  # main clears it: every label and error line of one report uses the same listing
-def named_revisions(root: Path) -> dict[str, list[str]]:
-    """Branches, tags and HEAD's experiments (as ``dvc exp show`` lists them), sorted."""
-    experiments = [row["Experiment"] for row in dvc.api.exp_show(repo=str(root))
-                   if row["Experiment"] and row["typ"] != "baseline"]
-    return {"branches": sorted(dvc.api.all_branches(str(root))), "tags": sorted(dvc.api.all_tags(str(root))),
-            "experiments": sorted(experiments)}
+def named_revisions(root: Path, kind: str) -> list[str]:
+    """The branches, tags or HEAD's experiments (as ``dvc exp show`` lists them), sorted."""
+    if kind == "experiments":
+        return sorted(row["Experiment"] for row in dvc.api.exp_show(repo=str(root))
+                      if row["Experiment"] and row["typ"] != "baseline")
+    return sorted(dvc.api.all_branches(str(root)) if kind == "branches" else dvc.api.all_tags(str(root)))
 
 
 def existing_revisions(root: Path) -> str:
     """``revisions here: workspace; branches main; experiments exp-a, exp-b`` for an error line."""
     listed = [f"{kind} {', '.join(names[:12])}" + (f" and {len(names) - 12} more" if len(names) > 12 else "")
-              for kind, names in named_revisions(root).items() if names]
+              for kind in KINDS if (names := named_revisions(root, kind))]
     return f"revisions here: {'; '.join([WORKSPACE, *listed])} (or any commit)"
 
 
@@ -125,7 +126,7 @@ def read_revision(root: Path, name: str) -> Revision:
         if missing:
             raise ReportError(f"revision {name!r} has no {', '.join(missing)}: it has no results of the pipeline "
                               f"(dvc repro or dvc exp run makes them); {existing_revisions(root)}")
-        kind = next((KINDS[kind] for kind, names in named_revisions(root).items() if name in names), "commit")
+        kind = next((KINDS[kind] for kind in KINDS if name in named_revisions(root, kind)), "commit")
         revision = Revision(name, f"on {commit[:7]}" if name == WORKSPACE else f"{kind} {commit[:7]}")
         revision.params = {key: json.dumps(value) if isinstance(value, list) else str(value)
                            for key, value in flatten(dvc.api.params_show(repo=str(root), rev=rev)).items()}
